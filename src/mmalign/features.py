@@ -1,0 +1,145 @@
+"""Feature cache: run the frozen encoders once per dataset, train both phases from the result.
+
+Layout of a cache directory:
+  <split>.safetensors   vision (N, Dv) float32, text (M, Dt) float32, text_to_image (M,) int64
+  fingerprint.json      models, preprocessing, dataset fingerprints, and a sha256 per split file
+A cache whose fingerprint or checksum does not match is rebuilt, never trusted (FuseMix and
+ClipCap train from precomputed features the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .encoders import FrozenTextEncoder, FrozenVisionEncoder
+from .utils import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    vision: torch.Tensor  # (N, Dv)
+    text: torch.Tensor  # (M, Dt)
+    text_to_image: torch.Tensor  # (M,) image index of each caption
+
+    @property
+    def num_images(self) -> int:
+        return self.vision.shape[0]
+
+
+def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(name: str) -> str:
+    """Hash of a local model's weight files; the name itself for hub ids (their revision pins them)."""
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*.safetensors")):
+        h.update(sha256(f).encode())
+    return h.hexdigest()
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, split: Any):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split[i]["image"]
+
+
+@torch.inference_mode()
+def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, batch_size: int,
+                 num_workers: int = 0, desc: str = "") -> dict[str, torch.Tensor]:
+    """Run both frozen encoders over one HF dataset split (columns: image, captions)."""
+    loader = DataLoader(_Images(split.select_columns(["image"])), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess in workers
+    v = [vision(px) for px in tqdm(loader, desc=f"vision features {desc}", unit="batch")]
+    captions = split["captions"]
+    flat = [c for caps in captions for c in caps]
+    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    step = max(batch_size, 256)
+    t = [text(flat[i:i + step]) for i in tqdm(range(0, len(flat), step), desc=f"text features {desc}", unit="batch")]
+    return {"vision": torch.cat(v).cpu().contiguous(), "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
+
+
+def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder) -> dict[str, Any]:
+    return {
+        "vision_model": vision.name, "vision_weights": model_fingerprint(vision.name),
+        "vision_pooling": vision.pooling, "vision_grid": vision.grid,
+        "text_model": text.name, "text_weights": model_fingerprint(text.name),
+        "preprocessing": vision.processor.to_dict(),
+        "dataset": {name: split._fingerprint for name, split in dataset.items()},
+    }
+
+
+def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, out_dir: str | Path,
+                        batch_size: int = 128, num_workers: int = 0) -> dict[str, Any]:
+    """Encode every split of `dataset` (a DatasetDict) and write the cache atomically (whole dir)."""
+    expected = cache_fingerprint(dataset, vision, text)
+    if cache_is_valid(out_dir, expected):
+        log.info("feature cache %s is up to date; not re-encoding", out_dir)
+        return read_json(Path(out_dir) / "fingerprint.json")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        files = {}
+        for name, split in dataset.items():
+            tensors = encode_split(split, vision, text, batch_size, num_workers, desc=name)
+            save_file(tensors, tmp / f"{name}.safetensors")
+            files[name] = {"sha256": sha256(tmp / f"{name}.safetensors"), "images": tensors["vision"].shape[0],
+                           "captions": tensors["text"].shape[0]}
+        fingerprint = {**expected, "files": files, "vision_dim": vision.dim, "text_dim": text.dim}
+        (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
+    return fingerprint
+
+
+def cache_is_valid(out_dir: str | Path, expected: dict[str, Any]) -> bool:
+    path = Path(out_dir) / "fingerprint.json"
+    if not path.exists():
+        return False
+    try:
+        found = read_json(path)
+    except ValueError:
+        return False
+    if any(found.get(k) != v for k, v in expected.items()):
+        log.warning("feature cache %s was built from other models or data; rebuilding", out_dir)
+        return False
+    for name, meta in found.get("files", {}).items():
+        f = Path(out_dir) / f"{name}.safetensors"
+        if not f.exists() or sha256(f) != meta["sha256"]:
+            log.warning("feature cache file %s is missing or corrupt (checksum mismatch); rebuilding", f)
+            return False
+    return True
+
+
+def load_features(cache_dir: str | Path, split: str) -> Features:
+    """Load one split, verifying its checksum against fingerprint.json."""
+    cache_dir = Path(cache_dir)
+    meta = read_json(cache_dir / "fingerprint.json")
+    if split not in meta.get("files", {}):
+        raise ValueError(f"feature cache {cache_dir} has no split '{split}' (has: {', '.join(meta.get('files', {}))})")
+    f = cache_dir / f"{split}.safetensors"
+    if sha256(f) != meta["files"][split]["sha256"]:
+        raise ValueError(f"feature cache file {f} does not match its checksum: re-run `dvc repro prepare` to rebuild it")
+    t = load_file(f)
+    return Features(t["vision"], t["text"], t["text_to_image"])

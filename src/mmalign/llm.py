@@ -1,0 +1,217 @@
+"""Phase 2: frozen aligner -> trainable projector -> k prefix embeddings -> decoder LLM -> captions.
+
+The projector follows ClipCap (Mokady et al. 2021: an MLP maps one image embedding to k prefix
+tokens) and LLaVA (a linear map in v1, a 2-layer MLP in v1.5). The prefix goes where the image
+belongs in the prompt: inside the user turn for chat models, before the prompt text otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .aligner import VisionTextAligner
+from .config import LLMConfig, LoRAConfig, from_dict
+from .encoders import freeze, model_load_error
+from .utils import DTYPES, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+IMAGE_MARK = "<image>"  # split point in the rendered chat template; never tokenized
+
+
+class VisionToLLMProjector(nn.Module):
+    """z_vision (B, d_in) -> prefix embeddings (B, k, d_llm)."""
+
+    def __init__(self, d_in: int, d_llm: int, k: int, kind: str = "mlp", hidden: int = 1024):
+        super().__init__()
+        self.k, self.d_llm = k, d_llm
+        if kind == "linear":
+            self.net = nn.Linear(d_in, k * d_llm)
+        else:
+            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, k * d_llm))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(z.shape[0], self.k, self.d_llm)  # (B, k, d_llm)
+
+
+def load_llm(cfg: LLMConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=DTYPES[cfg.dtype],
+                                                   trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise model_load_error(cfg.model_name, "LLM", e) from None
+    if tokenizer.pad_token_id is None:  # e.g. Llama-style tokenizers; pads are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return llm, tokenizer
+
+
+class MultimodalLLM(nn.Module):
+    """Seed API: `MultimodalLLM(aligner, LLMConfig(model_name=...))`, then `.generate([image])`.
+
+    Trainable: the projector, plus LoRA adapters when `cfg.lora.r > 0`. The aligner (encoders and
+    adapters) and the LLM's own weights are frozen.
+    """
+
+    def __init__(self, aligner: VisionTextAligner, cfg: LLMConfig, llm: Any = None, tokenizer: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.aligner = freeze(aligner)
+        if llm is None or tokenizer is None:
+            llm, tokenizer = load_llm(cfg)
+        self.tokenizer = tokenizer
+        llm = freeze(llm)
+        if cfg.lora.r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            llm = get_peft_model(llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        self.llm = llm
+        d_llm = self.llm.get_input_embeddings().embedding_dim
+        self.projector = VisionToLLMProjector(aligner.cfg.d_align, d_llm, cfg.k, cfg.projector_type,
+                                              cfg.projector_hidden)
+        self.projector.to(next(self.llm.parameters()).device)
+        self.end_id = self._end_token_id()
+
+    def train(self, mode: bool = True) -> "MultimodalLLM":
+        super().train(mode)
+        self.aligner.eval()
+        if self.cfg.lora.r == 0:
+            self.llm.eval()  # frozen LLM: no dropout either
+        return self
+
+    # -- prompt layout -------------------------------------------------------------------------
+    def _end_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok.chat_template and "<|im_end|>" in tok.get_vocab():
+            return tok.convert_tokens_to_ids("<|im_end|>")  # ChatML turns end with <|im_end|>
+        return tok.eos_token_id
+
+    def prompt_pieces(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the image prefix."""
+        tok = self.tokenizer
+        if tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": f"{IMAGE_MARK}\n{prompt}"}],
+                                           tokenize=False, add_generation_prompt=True)
+            before, after = text.split(IMAGE_MARK, 1)
+        else:
+            before, after = "", f"{prompt} " if prompt else ""
+        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None and not tok.chat_template else []
+        return bos + enc(before), enc(after)
+
+    def build_inputs(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]] | None = None,
+                     prompt: str | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Assemble [before][prefix x k][after][caption + end] per row.
+
+        prefix (B, k, H); captions: token ids per row (training) or None (generation).
+        Returns inputs_embeds (B, T, H), attention_mask (B, T) and, with captions, labels (B, T)
+        that are -100 everywhere but on the caption tokens and the end token.
+        """
+        before, after = self.prompt_pieces(self.cfg.prompt if prompt is None else prompt)
+        B, k, _ = prefix.shape
+        pad = self.tokenizer.pad_token_id
+        rows, label_rows = [], []
+        for b in range(B):
+            cap = list(captions[b][: self.cfg.max_caption_tokens - 1]) + [self.end_id] if captions is not None else []
+            ids = before + [pad] * k + after + cap
+            rows.append(ids)
+            label_rows.append([-100] * (len(ids) - len(cap)) + cap)
+        T = max(map(len, rows))
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        is_prefix = torch.zeros((B, T), dtype=torch.bool)
+        for b, (row, lab) in enumerate(zip(rows, label_rows)):
+            start = 0 if padding_side == "right" else T - len(row)
+            ids[b, start:start + len(row)] = torch.tensor(row)
+            labels[b, start:start + len(row)] = torch.tensor(lab)
+            mask[b, start:start + len(row)] = 1
+            is_prefix[b, start + len(before):start + len(before) + k] = True
+        device = prefix.device
+        embeds = self.llm.get_input_embeddings()(ids.to(device))  # (B, T, H)
+        embeds = embeds.masked_scatter(is_prefix.to(device).unsqueeze(-1), prefix.to(embeds.dtype))
+        out = {"inputs_embeds": embeds, "attention_mask": mask.to(device)}
+        if captions is not None:
+            out["labels"] = labels.to(device)
+        return out
+
+    # -- image -> prefix -----------------------------------------------------------------------
+    def prefix_from_features(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H)."""
+        with torch.no_grad():
+            z = self.aligner.vision_adapter(vision_features)  # (B, d_align)
+        return self.projector(z)
+
+    def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.aligner.encode_images(images)
+        return self.projector(z.to(next(self.projector.parameters()).device))
+
+    def forward(self, vision_features: torch.Tensor, captions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token loss on caption tokens only. Returns (logits, loss)."""
+        out = self.llm(**self.build_inputs(self.prefix_from_features(vision_features), captions))
+        return out.logits, out.loss
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_from_prefix(self, prefix: torch.Tensor, prompt: str | None = None, max_new_tokens: int = 48,
+                             num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
+                             top_p: float = 1.0, use_cache: bool = True) -> list[str]:
+        """prefix (B, k, H) -> one caption per row; left padding so every row ends where decoding starts."""
+        inputs = self.build_inputs(prefix, None, prompt, padding_side="left")
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        out = self.llm.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=use_cache,
+                                pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=[self.end_id, self.tokenizer.eos_token_id], **sampling)
+        # With only inputs_embeds given, generate returns just the new tokens.
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def generate(self, images: Sequence[Image.Image | str | Path], prompt: str = "Describe this image:",
+                 max_new_tokens: int = 48, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True) -> list[str]:
+        """PIL images or paths -> one caption each, batched. Greedy (the default) is deterministic."""
+        was_training = self.training
+        self.eval()
+        captions: list[str] = []
+        for i in range(0, len(images), batch_size):
+            prefix = self.prefix_from_images(images[i:i + batch_size])
+            captions += self.generate_from_prefix(prefix, prompt, max_new_tokens, num_beams, do_sample,
+                                                  temperature, top_p, use_cache)
+        self.train(was_training)
+        return captions
+
+    # -- checkpoints (projector + LoRA only) -----------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        if self.cfg.lora.r > 0:
+            from peft import get_peft_model_state_dict
+
+            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.llm).items()})
+        return state
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_checkpoint(directory, self.trainable_state_dict(), dataclasses.asdict(self.cfg))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, aligner: VisionTextAligner, **overrides: Any) -> "MultimodalLLM":
+        tensors, cfg = load_checkpoint(directory)
+        cfg = {**cfg, **overrides}
+        cfg["lora"] = from_dict(LoRAConfig, cfg.get("lora"), "lora")
+        model = cls(aligner, from_dict(LLMConfig, cfg, f"{directory}/config.json"))
+        model.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+        lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.llm, lora)
+        return model

@@ -1,0 +1,69 @@
+"""Reading params.yaml and setting up stage logging (shared by the stage scripts and the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import (AlignmentConfig, EvaluateConfig, ModelsConfig, PrepareConfig, TrackingConfig, check_keys,
+                     from_dict, load_project)
+
+SECTIONS = ("models", "prepare", "align", "project", "evaluate", "tracking")
+# Fields of AlignmentConfig that come from the feature cache / the machine, not from params.yaml.
+ALIGN_DERIVED = ("vision_model_name", "text_model_name", "vision_dim", "text_dim", "vision_pooling",
+                 "vision_grid", "device")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"params file {path} not found: run from the repo root or pass --params") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    check_keys(params, list(SECTIONS), path.name)
+    return params
+
+
+def models_config(params: dict[str, Any]) -> ModelsConfig:
+    return from_dict(ModelsConfig, params.get("models"))
+
+
+def prepare_config(params: dict[str, Any]) -> PrepareConfig:
+    return from_dict(PrepareConfig, params.get("prepare"))
+
+
+def align_config(params: dict[str, Any]) -> AlignmentConfig:
+    return from_dict(AlignmentConfig, params.get("align"), exclude=ALIGN_DERIVED)
+
+
+def project_config(params: dict[str, Any], model_name: str = "", trust_remote_code: bool = False):
+    return load_project(params.get("project"), model_name, trust_remote_code)
+
+
+def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
+    return from_dict(EvaluateConfig, params.get("evaluate"))
+
+
+def tracking_config(params: dict[str, Any]) -> TrackingConfig:
+    return from_dict(TrackingConfig, params.get("tracking"))
+
+
+def validate_all(params: dict[str, Any]) -> None:
+    """Check every section, so a typo anywhere fails before the first stage does any work."""
+    models_config(params), prepare_config(params), align_config(params)
+    project_config(params, "unused"), evaluate_config(params), tracking_config(params)
+
+
+def setup_logging() -> None:
+    level = os.environ.get("MMALIGN_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock", "datasets", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

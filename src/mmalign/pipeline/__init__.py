@@ -1,0 +1,1 @@
+"""One module per DVC stage: `run(...)` does the work; `stages/*.py` only parse args and call it."""

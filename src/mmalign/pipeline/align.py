@@ -1,0 +1,66 @@
+"""align: train the Phase 1 adapters from the feature cache; keep the best checkpoint by val R@1."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..aligner import VisionTextAligner
+from ..config import AlignmentConfig
+from ..data.dataset import FeaturePairBatches
+from ..features import Features, load_features
+from ..metrics import retrieval_metrics
+from ..train import train_alignment
+from ..utils import read_json, set_seed, write_json
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def embed(model: VisionTextAligner, feats: Features, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached features -> (z_vision (N, d), z_text (M, d)) in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = model.log_logit_scale.device
+    z_v = torch.cat([model.vision_adapter(feats.vision[i:i + batch_size].to(device))
+                     for i in range(0, feats.vision.shape[0], batch_size)])
+    z_t = torch.cat([model.text_adapter(feats.text[i:i + batch_size].to(device))
+                     for i in range(0, feats.text.shape[0], batch_size)])
+    model.train(was_training)
+    return z_v.cpu(), z_t.cpu()
+
+
+def val_retrieval(model: VisionTextAligner, feats: Features) -> dict[str, float]:
+    m = retrieval_metrics(*embed(model, feats), feats.text_to_image)
+    out = {f"val/{d}_{k}": v for d in ("i2t", "t2i") for k, v in m[d].items() if k.startswith("R@")}
+    out["val/mean_R@1"] = (m["i2t"]["R@1"] + m["t2i"]["R@1"]) / 2
+    return out
+
+
+def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path, tracker: Any) -> dict[str, Any]:
+    fp = read_json(features_dir / "fingerprint.json")
+    cfg = dataclasses.replace(cfg, vision_model_name=fp["vision_model"], text_model_name=fp["text_model"],
+                              vision_dim=fp["vision_dim"], text_dim=fp["text_dim"],
+                              vision_pooling=fp["vision_pooling"], vision_grid=fp["vision_grid"])
+    train, val = load_features(features_dir, "train"), load_features(features_dir, "val")
+    set_seed(cfg.seed)
+    model = VisionTextAligner(cfg).to(cfg.device)
+    loader = FeaturePairBatches(train.vision, train.text, train.text_to_image, cfg.batch_size, seed=cfg.seed)
+    log.info("align: %d train images, %d val images, %d steps/epoch", train.num_images, val.num_images, len(loader))
+    history = train_alignment(
+        model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R@1",
+        save_best=lambda epoch: model.save_pretrained(out_dir), on_log=tracker.log_metrics)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")).to_csv(
+        plots_dir / "loss.csv", index=False)
+    pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")).to_csv(
+        plots_dir / "val.csv", index=False)
+    best = {k.replace("val/", "best_val/"): v for k, v in history["best"].items()}
+    tracker.log_metrics({k: v for k, v in best.items() if "/" in k})
+    tracker.log_artifact(plots_dir, "plots")
+    return history

@@ -1,0 +1,117 @@
+"""evaluate: test-split retrieval (full dim + every Matryoshka dim, with chance) and captioning
+(trained vs blind), figures to MLflow, `eval/metrics.json` for DVC."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import plots
+from ..aligner import VisionTextAligner
+from ..config import EvaluateConfig
+from ..features import load_features
+from ..llm import MultimodalLLM
+from ..metrics import caption_metrics, chance_retrieval, distinct_share, retrieval_metrics
+from ..utils import write_json
+from .align import embed
+
+log = logging.getLogger(__name__)
+
+
+def retrieval(model: VisionTextAligner, features_dir: Path) -> tuple[dict[str, Any], Any]:
+    test = load_features(features_dir, "test")
+    z_v, z_t = embed(model, test)  # (N, d), (M, d)
+    full = retrieval_metrics(z_v, z_t, test.text_to_image)
+    chance = chance_retrieval(test.text_to_image, test.num_images)
+    by_dim = {str(d): retrieval_metrics(F.normalize(z_v[:, :d], dim=-1), F.normalize(z_t[:, :d], dim=-1),
+                                        test.text_to_image)
+              for d in model.cfg.mrl_dims}
+    out = {"i2t": full["i2t"], "t2i": full["t2i"], "chance": chance, "by_dim": by_dim,
+           "n_images": test.num_images, "n_captions": int(test.text.shape[0])}
+    return out, (z_v, z_t, test)
+
+
+def by_dim_rows(ret: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([{"dim": int(d), "i2t_R@1": m["i2t"]["R@1"], "t2i_R@1": m["t2i"]["R@1"],
+                          "chance_i2t_R@1": ret["chance"]["i2t"]["R@1"], "chance_t2i_R@1": ret["chance"]["t2i"]["R@1"]}
+                         for d, m in ret["by_dim"].items()])
+
+
+@torch.no_grad()
+def generate_all(mm: MultimodalLLM, prefix: torch.Tensor, cfg: EvaluateConfig, desc: str) -> list[str]:
+    out: list[str] = []
+    for i in tqdm(range(0, prefix.shape[0], cfg.batch_size), desc=f"captions ({desc})", unit="batch"):
+        out += mm.generate_from_prefix(prefix[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                                       num_beams=cfg.num_beams)
+    return out
+
+
+@torch.no_grad()
+def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_split: Any, out_dir: Path,
+               tracker: Any) -> dict[str, Any]:
+    """Trained captions vs a blind captioner (same LLM and prompt, a prefix carrying no image)."""
+    mm.eval()
+    test = load_features(features_dir, "test")
+    prefix = torch.cat([mm.prefix_from_features(test.vision[i:i + 256]) for i in range(0, test.num_images, 256)])
+    if cfg.blind_prefix == "mean":  # the projector applied to the mean training image embedding
+        train_v = load_features(features_dir, "train").vision
+        blind = mm.prefix_from_features(train_v.mean(0, keepdim=True))
+    else:
+        blind = torch.zeros_like(prefix[:1])
+    generated = generate_all(mm, prefix, cfg, "trained")
+    blind_caps = generate_all(mm, blind.expand(prefix.shape[0], -1, -1).contiguous(), cfg, "blind")
+    ids, refs = test_split["id"], test_split["captions"]
+    references = dict(zip(ids, refs))
+    result = {}
+    for name, caps in (("trained", generated), ("blind", blind_caps)):
+        result[name] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
+    pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
+                  "references": [" | ".join(r) for r in refs]}).to_csv(out_dir / "captions.csv", index=False)
+    tracker.log_artifact(out_dir / "captions.csv")
+    n = min(cfg.gallery_size, len(ids))
+    if n:
+        gallery = plots.caption_gallery(test_split.select(range(n))["image"], generated[:n], blind_caps[:n], refs[:n])
+        gallery.savefig(out_dir / "gallery.png", dpi=110)
+        tracker.log_figure(gallery, "figures/caption_gallery.png")
+    return result
+
+
+def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots: Path, out_dir: Path,
+        tracker: Any, projector_dir: Path | None = None, dataset_dir: Path | None = None,
+        project_plots: Path | None = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = VisionTextAligner.from_pretrained(aligner_dir).eval()
+    ret, _ = retrieval(model, features_dir)
+    metrics: dict[str, Any] = {"retrieval": ret}
+    log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R@1"],
+             ret["chance"]["i2t"]["R@1"], ret["t2i"]["R@1"], ret["chance"]["t2i"]["R@1"])
+
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    rows = by_dim_rows(ret)
+    rows.to_csv(out_dir / "plots" / "r1_by_dim.csv", index=False)
+    tracker.log_figure(plots.recall_by_dim(rows), "figures/r1_by_dim.png")
+    steps = pd.read_csv(align_plots / "loss.csv")
+    tracker.log_figure(plots.loss_curve(steps, "align: training loss", ("loss", "clip", "mrl")), "figures/align_loss.png")
+
+    if cfg.captioning and projector_dir is not None:
+        import datasets
+
+        mm = MultimodalLLM.from_pretrained(projector_dir, model)
+        test_split = datasets.load_from_disk(str(dataset_dir))["test"]
+        metrics["captioning"] = captioning(cfg, mm, features_dir, test_split, out_dir, tracker)
+        log.info("test captioning: CIDEr %.3f (blind %.3f), distinct %.2f", metrics["captioning"]["trained"]["CIDEr"],
+                 metrics["captioning"]["blind"]["CIDEr"], metrics["captioning"]["trained"]["distinct"])
+        if project_plots is not None:
+            steps = pd.read_csv(project_plots / "loss.csv")
+            tracker.log_figure(plots.loss_curve(steps, "project: caption loss"), "figures/project_loss.png")
+
+    write_json(out_dir / "metrics.json", metrics)
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(out_dir / "metrics.json")
+    return metrics

@@ -1,0 +1,79 @@
+"""prepare: dataset -> HF `datasets` on disk; builtin stand-in models; frozen-encoder feature cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import BUILTIN_LLM, BUILTIN_VISION, ModelsConfig, PrepareConfig
+from ..encoders import FrozenTextEncoder, FrozenVisionEncoder, build_tiny_clip
+from ..features import build_feature_cache
+from ..tiny_llm import build_tiny_llm, caption_documents
+from ..utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_dataset(cfg: PrepareConfig) -> Any:
+    """The default data as a `datasets.DatasetDict` (id, image, captions, objects as JSON)."""
+    import datasets
+
+    from ..data.synthetic import generate_synthetic
+
+    splits = generate_synthetic(cfg.seed, cfg.n_train, cfg.n_val, cfg.n_test, image_size=cfg.image_size,
+                                captions_per_image=cfg.captions_per_image, max_objects=cfg.max_objects)
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "captions": datasets.List(datasets.Value("string")),
+                                  "objects": datasets.Value("string")})
+    return datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({
+            "id": [s["id"] for s in rows], "image": [s["image"] for s in rows],
+            "captions": [s["captions"] for s in rows], "objects": [json.dumps(s["objects"]) for s in rows],
+        }, features=features)
+        for name, rows in splits.items()})
+
+
+def build_models(models: ModelsConfig, cfg: PrepareConfig, train_captions: list[list[str]], out_dir: Path
+                 ) -> dict[str, str]:
+    """Build the `builtin:` stand-ins into out_dir; return the resolved name/path of every model."""
+    resolved = {"vision": models.vision, "text": models.text, "llm": models.llm}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        if models.vision == BUILTIN_VISION:
+            build_tiny_clip(tmp / "tiny-clip", cfg.tiny_clip, cfg.image_size)
+            resolved["vision"] = str(out_dir / "tiny-clip")
+        if models.llm == BUILTIN_LLM:
+            docs = caption_documents(train_captions, cfg.tiny_llm.seed)
+            stats = build_tiny_llm(docs, tmp / "tiny-qwen2", cfg.tiny_llm)
+            log.info("tiny LLM pretrained: loss %.3f -> %.3f", stats["initial_loss"], stats["final_loss"])
+            resolved["llm"] = str(out_dir / "tiny-qwen2")
+        (tmp / "models.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    return resolved
+
+
+def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir: Path, features_dir: Path,
+        report_path: Path, tracker: Any) -> dict[str, Any]:
+    dataset = synthetic_dataset(cfg)
+    with atomic_path(dataset_dir) as tmp:
+        dataset.save_to_disk(str(tmp))
+    import datasets
+
+    dataset = datasets.load_from_disk(str(dataset_dir))  # re-open: fingerprints/images now come from disk
+    resolved = build_models(models, cfg, dataset["train"]["captions"], models_dir)
+    vision = FrozenVisionEncoder(resolved["vision"], models.trust_remote_code, cfg.vision_pooling, cfg.vision_grid)
+    text = FrozenTextEncoder(resolved["text"], models.trust_remote_code)
+    fingerprint = build_feature_cache(dataset, vision, text, features_dir, cfg.batch_size, cfg.num_workers)
+    report = {
+        "source": cfg.source,
+        "splits": {name: {"images": len(split), "captions": sum(len(c) for c in split["captions"])}
+                   for name, split in dataset.items()},
+        "skipped": {},
+        "models": resolved,
+        "vision_dim": fingerprint["vision_dim"], "text_dim": fingerprint["text_dim"],
+    }
+    write_json(report_path, report)
+    tracker.log_metrics({f"{name}_{k}": v for name, s in report["splits"].items() for k, v in s.items()})
+    tracker.log_artifact(report_path)
+    return report

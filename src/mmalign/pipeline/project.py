@@ -1,0 +1,56 @@
+"""project: train the vision-to-LLM projector from the feature cache; keep the best by val loss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..aligner import VisionTextAligner
+from ..config import LLMConfig, ProjectTrainConfig
+from ..data.dataset import CaptionBatches
+from ..features import load_features
+from ..llm import MultimodalLLM
+from ..train import mean_caption_loss, train_projector
+from ..utils import set_seed
+
+log = logging.getLogger(__name__)
+
+
+def caption_ids(tokenizer: Any, dataset_split: Any) -> list[list[int]]:
+    """All captions of a split, flattened in the feature cache's order, as token ids (no specials)."""
+    flat = [c for caps in dataset_split["captions"] for c in caps]
+    return tokenizer(flat, add_special_tokens=False)["input_ids"]
+
+
+def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features_dir: Path, dataset_dir: Path,
+        out_dir: Path, plots_dir: Path, tracker: Any) -> dict[str, Any]:
+    import datasets
+
+    set_seed(cfg.seed)
+    model = MultimodalLLM(VisionTextAligner.from_pretrained(aligner_dir), llm_cfg)
+    ds = datasets.load_from_disk(str(dataset_dir))
+    loaders = {}
+    for split in ("train", "val"):
+        feats = load_features(features_dir, split)
+        ids = caption_ids(model.tokenizer, ds[split].select_columns(["captions"]))
+        loaders[split] = CaptionBatches(feats.vision, ids, feats.text_to_image, cfg.batch_size, seed=cfg.seed,
+                                        shuffle=split == "train")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("project: %d trainable parameters, %d train captions, %d steps/epoch", n_train,
+             len(loaders["train"].captions), len(loaders["train"]))
+    tracker.log_metrics({"trainable_params": n_train})
+    history = train_projector(
+        model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"])},
+        monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir),
+        on_log=tracker.log_metrics)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")).to_csv(
+        plots_dir / "loss.csv", index=False)
+    pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")).to_csv(
+        plots_dir / "val.csv", index=False)
+    tracker.log_metrics({"best_val/loss": history["best"]["val/loss"]})
+    tracker.log_artifact(plots_dir, "plots")
+    return history

@@ -1,0 +1,149 @@
+"""MLflow tracking: the only module in the library that imports mlflow.
+
+Default store: `sqlite:///<repo root>/mlflow.db`, artifacts in `<repo root>/mlartifacts/`, where the
+repo root is `DVC_ROOT` when DVC runs the stage (so `dvc exp run --temp/--queue` runs land in the
+workspace's database) and the current directory otherwise. `MLFLOW_TRACKING_URI` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """What a stage logs to. With `active=False` every call is a no-op (tracking disabled/failed)."""
+
+    def __init__(self, mlflow: Any = None):
+        self.mlflow = mlflow
+        self.active = mlflow is not None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.active:
+            flat = flatten(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self.mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.active:
+            clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            if Path(path).is_dir():
+                self.mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self.mlflow.log_artifact(str(path), artifact_path)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        if self.active:
+            self.mlflow.log_figure(fig, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self.mlflow.set_tags(tags)
+
+
+def _configure_timeouts() -> None:
+    # A tracking server that is down must fail a stage in seconds, not after minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
+    except Exception:  # another process created it first (parallel queued experiments)
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, required: bool = True, params: dict[str, Any] | None = None,
+              pipeline_params: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """Open an MLflow run for one stage, tagged so runs of one pipeline execution group together.
+
+    Tags: mmalign.stage, mmalign.pipeline (the DVC experiment name, or a hash of commit + params for
+    a plain `dvc repro`), dvc.exp_name, git.commit. `params` are logged as run params.
+    If the store is unreachable: raise (required) or warn once and yield an inactive Tracker.
+    """
+    _configure_timeouts()
+    root = repo_root()
+    commit = git_commit(root)
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    digest = hashlib.sha256(f"{commit}{sorted(flatten(pipeline_params or params or {}).items())}".encode()).hexdigest()
+    pipeline = exp_name or f"workspace-{digest[:10]}"
+    uri = tracking_uri()
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        exp_id = _experiment_id(mlflow, experiment, root)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=f"{exp_name or 'workspace'}/{stage}",
+                               tags={"mmalign.stage": stage, "mmalign.pipeline": pipeline,
+                                     "dvc.exp_name": exp_name or "workspace", "git.commit": commit})
+    except Exception as e:
+        msg = f"MLflow tracking store {uri} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        if required:
+            raise RuntimeError(f"{msg}. Start the server / fix MLFLOW_TRACKING_URI, or set tracking.required: "
+                               "false to train without tracking.") from None
+        log.warning("%s; tracking.required is false, so this %s run is NOT tracked", msg, stage)
+        yield Tracker(None)
+        return
+    tracker = Tracker(mlflow)
+    status = "FAILED"
+    try:
+        if params:
+            tracker.log_params(params)
+        yield tracker
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+        log.info("MLflow run %s (%s) logged to %s", run.info.run_id, stage, uri)
+
+
+@contextlib.contextmanager
+def temp_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)

@@ -1,0 +1,166 @@
+"""Training loops. `fit` is the one loop both phases use: AdamW, linear warmup + cosine decay,
+gradient clipping, a validation pass per epoch, best-checkpoint keeping, NaN/inf guard."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .losses import alignment_loss
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base lr, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loader: Iterable[dict[str, Any]],
+    *,
+    lr: float,
+    num_epochs: int,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    grad_clip: float = 1.0,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    monitor: str | None = None,
+    mode: str = "max",
+    save_best: Callable[[int], None] | None = None,
+    on_log: Callable[[dict[str, float], int], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the parameters of `model` that require grad.
+
+    loss_fn(batch) -> {"loss": scalar, other named terms}. evaluate() -> val metrics after each epoch;
+    the epoch with the best `monitor` value (max or min per `mode`) calls save_best(epoch).
+    on_log(metrics, step) receives per-step training terms and per-epoch val metrics.
+    Returns {"steps": [...], "epochs": [...], "best": {...}}.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = num_epochs * len(loader)  # type: ignore[arg-type]
+    scheduler = warmup_cosine(optimizer, int(warmup_ratio * total), total)
+    history: dict[str, Any] = {"steps": [], "epochs": [], "best": {}}
+    best = -math.inf if mode == "max" else math.inf
+    step = 0
+    for epoch in range(num_epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            terms = loss_fn(_to(batch, device))
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                last = history["best"].get("epoch")
+                raise FloatingPointError(
+                    f"{desc}: loss is {loss.item()} at step {step} (epoch {epoch + 1}); training stopped. "
+                    f"Last good checkpoint: {'epoch ' + str(last) if last else 'none written yet'}. "
+                    "Lower the learning rate or check the input features.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            step += 1
+            row = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+            row.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+            history["steps"].append({"step": step, "epoch": epoch + 1, **row})
+            if on_log is not None:
+                on_log(row, step)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+        val = evaluate() if evaluate is not None else {}
+        history["epochs"].append({"epoch": epoch + 1, "step": step, **val})
+        if on_log is not None and val:
+            on_log(val, step)
+        score = val.get(monitor) if monitor else None
+        if score is None or (score > best if mode == "max" else score < best):
+            best = score if score is not None else best
+            history["best"] = {"epoch": epoch + 1, "step": step, **val}
+            if save_best is not None:
+                save_best(epoch + 1)
+        log.info("%s epoch %d/%d: loss %.4f %s", desc, epoch + 1, num_epochs, history["steps"][-1]["train/loss"],
+                 " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+    return history
+
+
+def alignment_loss_fn(model: nn.Module) -> LossFn:
+    """Loss on a batch of cached features, or of raw images + texts (the seed's design)."""
+    cfg = model.cfg
+
+    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "vision_features" in batch:
+            z_v, z_t = model(batch["vision_features"], batch["text_features"])
+        else:
+            z_v, z_t = model.encode_images(batch["images"]), model.encode_texts(batch["texts"])
+        return alignment_loss(z_v, z_t, model.logit_scale, cfg.mrl_dims, cfg.mrl_weights,
+                              cfg.clip_weight, cfg.mrl_weight)
+    return loss_fn
+
+
+def train_alignment(model: nn.Module, train_loader: Iterable[dict[str, Any]], num_epochs: int | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+    """Phase 1: train the adapters (and temperature) of a VisionTextAligner. Seed Quick Start API.
+
+    Optimiser settings come from `model.cfg`; `kwargs` go to `fit` (evaluate, monitor, save_best, on_log...).
+    """
+    cfg = model.cfg
+    return fit(model, alignment_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               num_epochs=num_epochs or cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+               after_step=model.clamp_logit_scale_, desc="align", **kwargs)
+
+
+def caption_loss_fn(model: nn.Module) -> LossFn:
+    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        _, loss = model(batch["vision_features"], batch["captions"])
+        return {"loss": loss}
+    return loss_fn
+
+
+@torch.no_grad()
+def mean_caption_loss(model: nn.Module, loader: Iterable[dict[str, Any]]) -> float:
+    """Token-weighted mean next-token loss over a loader (validation)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.projector.parameters()).device
+    for batch in loader:
+        _, loss = model(batch["vision_features"].to(device), batch["captions"])
+        n = sum(min(len(c), model.cfg.max_caption_tokens - 1) + 1 for c in batch["captions"])
+        total, count = total + float(loss) * n, count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train_projector(model: nn.Module, train_loader: Iterable[dict[str, Any]], cfg: Any, **kwargs: Any) -> dict[str, Any]:
+    """Phase 2: train the projector (and LoRA) of a MultimodalLLM. `cfg`: ProjectTrainConfig."""
+    return fit(model, caption_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               num_epochs=cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+               desc="project", **kwargs)

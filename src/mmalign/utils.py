@@ -1,0 +1,93 @@
+"""Small shared helpers: device/seed, atomic file writes, safetensors checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_device() -> str:
+    """The best available device: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; on success it replaces `path` in one rename.
+
+    Works for files and directories. On error the temporary is removed and `path` is untouched,
+    so a killed or failed run never leaves a half-written output behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = tmp / ".old"
+            os.replace(path, old)
+        elif path.exists():
+            path.unlink()
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and re-run the stage that writes it") from None
+
+
+def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write `model.safetensors` + `config.json` into `directory`, atomically (whole dir at once)."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by `save_checkpoint` (safetensors only: nothing is unpickled)."""
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no checkpoint at {directory} (missing model.safetensors): run the stage that trains it")
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"checkpoint {weights} is corrupt ({e}); delete it and re-run the stage") from None
+    return tensors, read_json(directory / "config.json")

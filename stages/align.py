@@ -1,0 +1,32 @@
+"""DVC stage `align`: Phase 1 adapters trained from the feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmalign.params import align_config, load_params, setup_logging, tracking_config, validate_all
+from mmalign.pipeline import align
+from mmalign.tracking import stage_run
+from mmalign.utils import get_device
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="aligner checkpoint dir")
+@click.option("--plots", type=click.Path(path_type=Path), required=True, help="training curves dir")
+def main(params_path: str, features: Path, out: Path, plots: Path) -> None:
+    setup_logging()
+    params = load_params(params_path)
+    validate_all(params)
+    cfg, tracking = align_config(params), tracking_config(params)
+    cfg.device = get_device()
+    with stage_run("align", tracking.experiment, tracking.required, {"align": params.get("align", {})},
+                   params) as tracker:
+        align.run(cfg, features, out, plots, tracker)
+
+
+if __name__ == "__main__":
+    main()

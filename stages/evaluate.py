@@ -1,0 +1,35 @@
+"""DVC stage `evaluate`: retrieval + captioning on the test split, figures, eval/metrics.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmalign.params import evaluate_config, load_params, setup_logging, tracking_config, validate_all
+from mmalign.pipeline import evaluate
+from mmalign.tracking import stage_run
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--aligner", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--align-plots", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--projector", type=click.Path(path_type=Path, exists=True), help="Phase 2 checkpoint (captioning)")
+@click.option("--project-plots", type=click.Path(path_type=Path, exists=True))
+@click.option("--dataset", type=click.Path(path_type=Path, exists=True), help="dataset dir (test images, references)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="eval output dir")
+def main(params_path: str, aligner: Path, features: Path, align_plots: Path, projector: Path | None,
+         project_plots: Path | None, dataset: Path | None, out: Path) -> None:
+    setup_logging()
+    params = load_params(params_path)
+    validate_all(params)
+    cfg, tracking = evaluate_config(params), tracking_config(params)
+    # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
+    with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
+        evaluate.run(cfg, aligner, features, align_plots, out, tracker, projector, dataset, project_plots)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""DVC stage `project`: Phase 2 vision-to-LLM projector trained from the feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmalign.params import load_params, models_config, project_config, setup_logging, tracking_config, validate_all
+from mmalign.pipeline import project
+from mmalign.tracking import stage_run
+from mmalign.utils import read_json
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--models", "models_dir", type=click.Path(path_type=Path, exists=True), required=True,
+              help="prepare's models dir (models.json names the LLM)")
+@click.option("--aligner", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--dataset", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="projector checkpoint dir")
+@click.option("--plots", type=click.Path(path_type=Path), required=True, help="training curves dir")
+def main(params_path: str, models_dir: Path, aligner: Path, features: Path, dataset: Path, out: Path,
+         plots: Path) -> None:
+    setup_logging()
+    params = load_params(params_path)
+    validate_all(params)
+    models, tracking = models_config(params), tracking_config(params)
+    llm_cfg, train_cfg = project_config(params, read_json(models_dir / "models.json")["llm"], models.trust_remote_code)
+    with stage_run("project", tracking.experiment, tracking.required, {"project": params.get("project", {})},
+                   params) as tracker:
+        project.run(llm_cfg, train_cfg, aligner, features, dataset, out, plots, tracker)
+
+
+if __name__ == "__main__":
+    main()
