@@ -142,7 +142,7 @@ class PrepareConfig:
     n_val: int = 300
     n_test: int = 300
     image_size: int = 64
-    captions_per_image: int = 4
+    captions_per_image: int = 3
     max_objects: int = 4
     vision_pooling: str = "grid"  # cls | mean | grid: how the vision tower's tokens become one feature
     vision_grid: int = 4  # grid side for vision_pooling=grid
@@ -261,7 +261,7 @@ class LLMConfig:
 
     SECTION = "project"
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"
-    k: int = 4  # number of prefix tokens per image
+    k: int = 10  # number of prefix tokens per image (ClipCap uses 10)
     projector_type: str = "mlp"  # mlp (ClipCap/LLaVA-1.5) | linear (LLaVA-1)
     projector_hidden: int = 1024
     freeze_llm: bool = True
@@ -292,10 +292,10 @@ class LLMConfig:
 class ProjectTrainConfig:
     """Phase 2 training loop (the `project` section minus the model fields in LLMConfig)."""
 
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     batch_size: int = 64
-    num_epochs: int = 4
+    num_epochs: int = 5
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
-from .utils import atomic_path, read_json
+from .utils import atomic_path, read_json, progress
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +73,12 @@ def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncode
     """Run both frozen encoders over one HF dataset split (columns: image, captions)."""
     loader = DataLoader(_Images(split.select_columns(["image"])), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess in workers
-    v = [vision(px) for px in tqdm(loader, desc=f"vision features {desc}", unit="batch")]
+    v = [vision(px) for px in progress(loader, desc=f"vision features {desc}", unit="batch")]
     captions = split["captions"]
     flat = [c for caps in captions for c in caps]
     t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     step = max(batch_size, 256)
-    t = [text(flat[i:i + step]) for i in tqdm(range(0, len(flat), step), desc=f"text features {desc}", unit="batch")]
+    t = [text(flat[i:i + step]) for i in progress(range(0, len(flat), step), desc=f"text features {desc}", unit="batch")]
     return {"vision": torch.cat(v).cpu().contiguous(), "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import (
+from .utils import progress as progress_bar
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -201,7 +201,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=max(1, spec.steps // 20), num_training_steps=spec.steps)
     log_every = max(1, spec.steps // 10)
-    for step in (bar := tqdm(range(spec.steps), desc="pretrain tiny LLM", disable=not progress)):
+    for step in (bar := progress_bar(range(spec.steps), desc="pretrain tiny LLM", disable=not progress)):
         idx = torch.randint(len(texts), (spec.batch_size,), generator=gen)
         loss = _batch_loss(model, ids[idx], lengths[idx])
         opt.zero_grad(set_to_none=True)

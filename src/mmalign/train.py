@@ -9,9 +9,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .losses import alignment_loss
+from .utils import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def fit(
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         model.train()
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
+        bar = progress_bar(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
         for batch in bar:
             terms = loss_fn(_to(batch, device))
             loss = terms["loss"]

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,8 +15,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
+    """tqdm that redraws at most every 15 s when stderr is not a terminal (DVC, CI logs)."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 15.0)
+    return tqdm(iterable, **kwargs)
 
 
 def get_device() -> str:

@@ -10,7 +10,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import plots
 from ..aligner import VisionTextAligner
@@ -18,7 +17,7 @@ from ..config import EvaluateConfig
 from ..features import load_features
 from ..llm import MultimodalLLM
 from ..metrics import caption_metrics, chance_retrieval, distinct_share, retrieval_metrics
-from ..utils import write_json
+from ..utils import write_json, progress
 from .align import embed
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ def by_dim_rows(ret: dict[str, Any]) -> pd.DataFrame:
 @torch.no_grad()
 def generate_all(mm: MultimodalLLM, prefix: torch.Tensor, cfg: EvaluateConfig, desc: str) -> list[str]:
     out: list[str] = []
-    for i in tqdm(range(0, prefix.shape[0], cfg.batch_size), desc=f"captions ({desc})", unit="batch"):
+    for i in progress(range(0, prefix.shape[0], cfg.batch_size), desc=f"captions ({desc})", unit="batch"):
         out += mm.generate_from_prefix(prefix[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                                        num_beams=cfg.num_beams)
     return out
