@@ -29,6 +29,7 @@ class VisionTextAligner(nn.Module):
         super().__init__()
         self._vision = vision_encoder
         self._text = text_encoder
+        self.cfg = cfg  # the lazy encoder properties below read it
         if cfg.vision_dim is None or cfg.text_dim is None:  # learn the sizes from the encoders
             cfg = dataclasses.replace(cfg, vision_dim=self.vision_encoder.dim, text_dim=self.text_encoder.dim)
         self.cfg = cfg
@@ -37,6 +38,7 @@ class VisionTextAligner(nn.Module):
         self.text_adapter = MLPAdapter(cfg.text_dim, cfg.d_align, **kw)
         # CLIP learns log(1/temperature), initialised at ln(1/0.07) and clamped at ln(100).
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        self.to(cfg.device)  # the seed sets cfg.device = get_device() before building the model
 
     # -- frozen towers -------------------------------------------------------------------
     @property

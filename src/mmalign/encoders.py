@@ -140,7 +140,8 @@ class FrozenTextEncoder(nn.Module):
             self.model = freeze(SentenceTransformer(path, device="cpu", trust_remote_code=trust_remote_code))
         except OSError as e:
             raise model_load_error(name, "text encoder", e) from None
-        self.dim: int = self.model.get_sentence_embedding_dimension()
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim: int = get_dim()
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)
@@ -151,4 +152,5 @@ class FrozenTextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         emb = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
                                 show_progress_bar=False, device=str(device))
-        return emb.float()
+        # encode() runs in inference_mode; a clone (made under no_grad) is a normal tensor adapters can train on
+        return emb.float().clone()

@@ -87,7 +87,7 @@ def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTex
         "vision_model": vision.name, "vision_weights": model_fingerprint(vision.name),
         "vision_pooling": vision.pooling, "vision_grid": vision.grid,
         "text_model": text.name, "text_weights": model_fingerprint(text.name),
-        "preprocessing": vision.processor.to_dict(),
+        "preprocessing": json.loads(json.dumps(vision.processor.to_dict())),  # as read back (tuples -> lists)
         "dataset": {name: split._fingerprint for name, split in dataset.items()},
     }
 

@@ -170,9 +170,14 @@ class MultimodalLLM(nn.Module):
         """prefix (B, k, H) -> one caption per row; left padding so every row ends where decoding starts."""
         inputs = self.build_inputs(prefix, None, prompt, padding_side="left")
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        out = self.llm.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=use_cache,
-                                pad_token_id=self.tokenizer.pad_token_id,
-                                eos_token_id=[self.end_id, self.tokenizer.eos_token_id], **sampling)
+        was_training = self.training
+        self.eval()  # LoRA dropout is live on a fresh or training model; greedy decoding must be deterministic
+        try:
+            out = self.llm.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=use_cache,
+                                    pad_token_id=self.tokenizer.pad_token_id,
+                                    eos_token_id=[self.end_id, self.tokenizer.eos_token_id], **sampling)
+        finally:
+            self.train(was_training)
         # With only inputs_embeds given, generate returns just the new tokens.
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

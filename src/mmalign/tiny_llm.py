@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import os
+import random
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-from .utils import progress as progress_bar
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     get_cosine_schedule_with_warmup,
 )
+
+from .utils import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 

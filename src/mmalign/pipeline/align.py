@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from ..aligner import VisionTextAligner
@@ -16,7 +15,8 @@ from ..data.dataset import FeaturePairBatches
 from ..features import Features, load_features
 from ..metrics import retrieval_metrics
 from ..train import train_alignment
-from ..utils import read_json, set_seed, write_json
+from ..utils import read_json, set_seed
+from .common import write_history
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,5 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     history = train_alignment(
         model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R@1",
         save_best=lambda epoch: model.save_pretrained(out_dir), on_log=tracker.log_metrics)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")).to_csv(
-        plots_dir / "loss.csv", index=False)
-    pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")).to_csv(
-        plots_dir / "val.csv", index=False)
-    best = {k.replace("val/", "best_val/"): v for k, v in history["best"].items()}
-    tracker.log_metrics({k: v for k, v in best.items() if "/" in k})
-    tracker.log_artifact(plots_dir, "plots")
+    write_history(history, plots_dir, tracker)
     return history

@@ -17,8 +17,9 @@ from ..config import EvaluateConfig
 from ..features import load_features
 from ..llm import MultimodalLLM
 from ..metrics import caption_metrics, chance_retrieval, distinct_share, retrieval_metrics
-from ..utils import write_json, progress
+from ..utils import atomic_path, progress, write_json
 from .align import embed
+from .common import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,14 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
     result = {}
     for name, caps in (("trained", generated), ("blind", blind_caps)):
         result[name] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
-    pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
-                  "references": [" | ".join(r) for r in refs]}).to_csv(out_dir / "captions.csv", index=False)
+    write_csv(pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
+                            "references": [" | ".join(r) for r in refs]}), out_dir / "captions.csv")
     tracker.log_artifact(out_dir / "captions.csv")
     n = min(cfg.gallery_size, len(ids))
     if n:
         gallery = plots.caption_gallery(test_split.select(range(n))["image"], generated[:n], blind_caps[:n], refs[:n])
-        gallery.savefig(out_dir / "gallery.png", dpi=110)
+        with atomic_path(out_dir / "gallery.png") as tmp:
+            gallery.savefig(tmp, dpi=110, format="png")
         tracker.log_figure(gallery, "figures/caption_gallery.png")
     return result
 
@@ -84,6 +86,9 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
 def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots: Path, out_dir: Path,
         tracker: Any, projector_dir: Path | None = None, dataset_dir: Path | None = None,
         project_plots: Path | None = None) -> dict[str, Any]:
+    if cfg.captioning and (projector_dir is None or dataset_dir is None):
+        raise ValueError("evaluate.captioning is true but no projector checkpoint/dataset was given: "
+                         "pass --projector and --dataset, or set evaluate.captioning: false")
     torch.manual_seed(0)
     model = VisionTextAligner.from_pretrained(aligner_dir).eval()
     ret, _ = retrieval(model, features_dir)
@@ -93,7 +98,7 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
 
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     rows = by_dim_rows(ret)
-    rows.to_csv(out_dir / "plots" / "r1_by_dim.csv", index=False)
+    write_csv(rows, out_dir / "plots" / "r1_by_dim.csv")
     tracker.log_figure(plots.recall_by_dim(rows), "figures/r1_by_dim.png")
     steps = pd.read_csv(align_plots / "loss.csv")
     tracker.log_figure(plots.loss_curve(steps, "align: training loss", ("loss", "clip", "mrl")), "figures/align_loss.png")

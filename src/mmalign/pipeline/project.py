@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from ..aligner import VisionTextAligner
 from ..config import LLMConfig, ProjectTrainConfig
@@ -15,6 +14,7 @@ from ..features import load_features
 from ..llm import MultimodalLLM
 from ..train import mean_caption_loss, train_projector
 from ..utils import set_seed
+from .common import write_history
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,5 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"])},
         monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir),
         on_log=tracker.log_metrics)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")).to_csv(
-        plots_dir / "loss.csv", index=False)
-    pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")).to_csv(
-        plots_dir / "val.csv", index=False)
-    tracker.log_metrics({"best_val/loss": history["best"]["val/loss"]})
-    tracker.log_artifact(plots_dir, "plots")
+    write_history(history, plots_dir, tracker)
     return history

@@ -1,0 +1,120 @@
+"""params.yaml validation: unknown keys, wrong types and out-of-range values fail with the key named."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmalign.config import (AlignmentConfig, LLMConfig, PrepareConfig, ProjectTrainConfig, from_dict,
+                            load_project)
+from mmalign.params import align_config, load_params, validate_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _align(**kw) -> AlignmentConfig:
+    return from_dict(AlignmentConfig, kw)
+
+
+def test_repo_params_yaml_validates_cleanly():
+    params = load_params(ROOT / "params.yaml")
+    validate_all(params)
+    cfg = align_config(params)
+    assert cfg.mrl_dims[-1] == cfg.d_align == params["align"]["d_align"]
+
+
+def test_unknown_key_has_did_you_mean():
+    with pytest.raises(ValueError, match=r"unknown key 'align\.lrr' \(did you mean 'lr'\?\)"):
+        _align(lrr=0.1)
+    with pytest.raises(ValueError, match=r"'align\.mrl_dim'.*did you mean 'mrl_dims'"):
+        _align(mrl_dim=[8])
+    with pytest.raises(ValueError, match=r"unknown key 'align\.zzz'; allowed keys: .*d_align"):
+        _align(zzz=1)
+
+
+def test_unknown_nested_key_names_the_full_path():
+    with pytest.raises(ValueError, match=r"prepare\.tiny_clip\.hidden_sise.*did you mean 'hidden_size'"):
+        from_dict(PrepareConfig, {"tiny_clip": {"hidden_sise": 32}})
+
+
+def test_unknown_top_level_section(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"algin": {"lr": 0.1}}))
+    with pytest.raises(ValueError, match=r"'params\.yaml\.algin'.*did you mean 'align'"):
+        load_params(p)
+
+
+def test_derived_align_fields_are_not_accepted_from_params():
+    with pytest.raises(ValueError, match=r"unknown key 'align\.vision_dim'"):
+        align_config({"align": {"vision_dim": 10}})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("lr", "fast"),
+    ("batch_size", "32"),
+    ("batch_size", True),
+    ("batch_size", 32.0),
+    ("num_epochs", False),
+    ("mrl_dims", "8,16"),
+    ("mrl_dims", [8, "16"]),
+    ("dropout", "0.1"),
+    ("mrl_weights", 1.0),
+])
+def test_wrong_types_are_rejected_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=rf"align\.{re.escape(key)}(\[\d+\])?=.*is invalid: expected"):
+        _align(**{key: value})
+
+
+def test_int_is_accepted_where_float_is_expected():
+    cfg = _align(lr=1, dropout=0, clip_weight=2)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.clip_weight, float)
+
+
+@pytest.mark.parametrize("kw,key", [
+    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"d_align": 32, "mrl_dims": [16, 8, 32]}, "mrl_dims"),
+    ({"d_align": 32, "mrl_dims": [8, 8, 32]}, "mrl_dims"),
+    ({"d_align": 32, "mrl_dims": [8, 64]}, "mrl_dims"),
+    ({"d_align": 32, "mrl_dims": []}, "mrl_dims"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"d_align": 32, "mrl_dims": [8, 32], "mrl_weights": [1.0]}, "mrl_weights"),
+    ({"logit_scale_init": 200.0}, "logit_scale_init"),
+    ({"num_epochs": 0}, "num_epochs"),
+    ({"activation": "swish"}, "activation"),
+])
+def test_out_of_range_align_values_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=rf"align\.{key}="):
+        _align(**kw)
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"k": 0}, "project.k"),
+    ({"lr": 0}, "project.lr"),
+    ({"projector_type": "perceiver"}, "project.projector_type"),
+    ({"lora": {"dropout": 1.0}}, "project.lora.dropout"),
+    ({"batch_size": "64"}, "project.batch_size"),
+])
+def test_project_section_errors_name_the_key(section, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_project(section, "some/model")
+
+
+def test_project_section_splits_model_and_training_fields():
+    llm, train = load_project({"k": 3, "lr": 0.01, "lora": {"r": 4}}, "some/model")
+    assert isinstance(llm, LLMConfig) and isinstance(train, ProjectTrainConfig)
+    assert llm.k == 3 and llm.lora.r == 4 and llm.model_name == "some/model" and train.lr == 0.01
+    with pytest.raises(ValueError, match=r"project\.kk.*did you mean 'k'"):
+        load_project({"kk": 3}, "some/model")
+
+
+def test_validate_all_catches_an_error_in_any_section():
+    params = load_params(ROOT / "params.yaml")
+    params["evaluate"] = {**params["evaluate"], "num_beams": 0}
+    with pytest.raises(ValueError, match=r"evaluate\.num_beams"):
+        validate_all(params)

@@ -1,0 +1,73 @@
+"""Each stage's click command, called with an argv list on tiny params, in order (one pipeline)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from stages import align, evaluate, prepare, project
+
+ARGS = {
+    "prepare": ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
+                "--report", "data/prepare_report.json"],
+    "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
+    "project": ["--models", "models/builtin", "--aligner", "models/aligner", "--features", "data/features",
+                "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
+    "evaluate": ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
+                 "--projector", "models/projector", "--project-plots", "plots/project", "--dataset", "data/dataset",
+                 "--out", "eval"],
+}
+KEYS = {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct"}
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path, tiny_params_file, mlflow_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, stage in (("prepare", prepare), ("align", align), ("project", project), ("evaluate", evaluate)):
+        stage.main(["--params", str(tiny_params_file), *ARGS[name]], standalone_mode=False)
+    return tmp_path
+
+
+def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
+    d = pipeline_dir
+    assert (d / "data/features/fingerprint.json").exists()
+    assert (d / "models/builtin/tiny-clip/config.json").exists()
+    assert (d / "models/builtin/tiny-qwen2/model.safetensors").exists()
+    assert (d / "models/aligner/model.safetensors").exists() and (d / "models/projector/model.safetensors").exists()
+    report = json.loads((d / "data/prepare_report.json").read_text())
+    assert report["splits"]["train"] == {"images": 48, "captions": 48 * 3}
+
+    metrics = json.loads((d / "eval/metrics.json").read_text())
+    ret = metrics["retrieval"]
+    for direction in ("i2t", "t2i"):
+        assert set(ret[direction]) == KEYS and set(ret["chance"][direction]) == KEYS
+        assert set(ret["by_dim"]) == {"8", "16", "32"}
+        assert set(ret["by_dim"]["8"][direction]) == KEYS
+    assert ret["chance"]["t2i"]["R@1"] == pytest.approx(1 / 16)
+    assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS == set(metrics["captioning"]["blind"])
+    assert (d / "eval/captions.csv").read_text().count("\n") == 16 + 1
+    assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
+
+    # One MLflow run per stage, grouped by one pipeline tag; evaluate carries all params + figures.
+    runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
+    by_stage = {r.data.tags["mmalign.stage"]: r for r in runs}
+    assert set(by_stage) == {"prepare", "align", "project", "evaluate"}
+    assert len({r.data.tags["mmalign.pipeline"] for r in runs}) == 1
+    ev = by_stage["evaluate"]
+    assert ev.data.params["align.d_align"] == "32" and "project.k" in ev.data.params
+    assert "retrieval.i2t.R_at_1" in ev.data.metrics
+    client = mlflow.MlflowClient()
+    figures = {f.path for f in client.list_artifacts(ev.info.run_id, "figures")}
+    assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png"} <= figures
+    assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
+
+
+def test_bad_param_fails_before_any_work(tmp_path, tiny_params_file, mlflow_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_params_file.write_text(tiny_params_file.read_text().replace("d_align: 32", "d_algn: 32"))
+    with pytest.raises(ValueError, match=r"unknown key 'align.d_algn' \(did you mean 'd_align'\?\)"):
+        prepare.main(["--params", str(tiny_params_file), *ARGS["prepare"]], standalone_mode=False)
+    assert not (tmp_path / "data").exists()
