@@ -93,12 +93,16 @@ def images(tiny_data) -> list:
     return [s["image"] for s in tiny_data["test"][:4]]
 
 
-def amplified(mm: MultimodalLLM) -> MultimodalLLM:
-    """The random tiny tower + adapter give nearly identical z for all images (std ~0.01), so scale
-    the projector's input layer up: different images then give different captions, which makes
-    'batched == one at a time' and 'paths == PIL' checks meaningful."""
+def amplified(mm: MultimodalLLM, images: list) -> MultimodalLLM:
+    """The random tiny tower + adapter give nearly the same z for every image (per-dim std ~0.08
+    around a shared mean), so the projector's input layer is set to see 50 * (z - mean z): different
+    images then give different captions, which makes 'batched == one at a time' and 'paths == PIL'
+    checks meaningful."""
     with torch.no_grad():
-        mm.projector.net[0].weight.mul_(200.0)
+        z_mean = mm.aligner.encode_images(images).mean(0)
+        layer = mm.projector.net[0]
+        layer.weight.mul_(50.0)
+        layer.bias.copy_(-layer.weight @ z_mean)
     return mm
 
 
@@ -125,7 +129,7 @@ def test_batched_generation_equals_one_at_a_time(mm):
 
 
 def test_generate_images_batched_equals_one_at_a_time(tiny_llm_dir, tiny_clip_dir, images):
-    model = amplified(make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)))
+    model = amplified(make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)), images)
     batched = model.generate(images, PROMPT, max_new_tokens=12)
     chunked = model.generate(images, PROMPT, max_new_tokens=12, batch_size=3)  # a full and a partial batch
     single = [model.generate([im], PROMPT, max_new_tokens=12)[0] for im in images]
@@ -135,7 +139,7 @@ def test_generate_images_batched_equals_one_at_a_time(tiny_llm_dir, tiny_clip_di
 
 
 def test_generate_accepts_paths_and_pil(tiny_llm_dir, tiny_clip_dir, images, tmp_path):
-    model = amplified(make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)))
+    model = amplified(make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)), images)
     paths = []
     for i, im in enumerate(images):
         im.save(tmp_path / f"{i}.png")  # PNG is lossless: the same pixels come back
@@ -320,10 +324,11 @@ def test_only_projector_and_lora_train_and_frozen_weights_stay_bit_identical(tin
 def test_overfits_a_handful_of_examples(tiny_llm_dir, aligner, tiny_data):
     """4 (feature, caption) pairs are memorised: loss near zero and greedy captions reproduce them.
 
-    The session's tiny LLM is pretrained for only 30 steps, so its tied embeddings are tiny and its
-    logits span about +-1.4 whatever the hidden state: with the LLM (and its final norm + lm_head)
-    frozen, no prefix gets the loss below ~4.1 (measured with k=8/16 and with LoRA on q/v only).
-    So this uses LoRA r=8 on q_proj, v_proj *and* lm_head, which lets the output layer sharpen.
+    The session's tiny LLM is pretrained for only 30 steps, so its tied embeddings stay tiny (norm
+    <= 0.3) and, after the final RMSNorm, every logit is bounded by |logit| <= 1.8 whatever the hidden
+    state. With the LLM's final norm + lm_head frozen no prefix can sharpen that: the loss stalls
+    above 4.1 (measured: projector only with k=8 or 16, and LoRA r=8 on q_proj/v_proj only). So this
+    uses LoRA r=8 on q_proj, v_proj *and* lm_head; it reaches ~0.01 in 200 steps (< 1 s).
     """
     model = make_mm(tiny_llm_dir, aligner, k=8, projector_hidden=64, freeze_llm=False,
                     lora=LoRAConfig(r=8, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"]))
@@ -333,10 +338,10 @@ def test_overfits_a_handful_of_examples(tiny_llm_dir, aligner, tiny_data):
     feats = torch.randn(4, D_VISION, generator=torch.Generator().manual_seed(0))
     loader = CaptionBatches(feats, caps, torch.arange(4), batch_size=4)
     initial = mean_caption_loss(model, loader)
-    hist = fit(model, caption_loss_fn(model), loader, lr=1e-2, num_epochs=120, warmup_ratio=0.05, progress=False)
+    hist = fit(model, caption_loss_fn(model), loader, lr=1e-2, num_epochs=200, warmup_ratio=0.05, progress=False)
     final = mean_caption_loss(model, loader)
     assert initial > 3.0
-    assert final < 0.3, f"caption loss {initial:.3f} -> {final:.3f} (last train step {hist['steps'][-1]}"
+    assert final < 0.3, f"caption loss {initial:.3f} -> {final:.3f} (last train step {hist['steps'][-1]})"
     generated = model.generate_from_prefix(model.prefix_from_features(feats), PROMPT, max_new_tokens=16)
     assert generated == captions
 
