@@ -17,7 +17,9 @@ from mmalign.utils import get_device
 @click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="aligner checkpoint dir")
 @click.option("--plots", type=click.Path(path_type=Path), required=True, help="training curves dir")
-def main(params_path: str, features: Path, out: Path, plots: Path) -> None:
+@click.option("--state", type=click.Path(path_type=Path), default=None,
+              help="resumable training state dir (not a DVC out, so it survives a killed run)")
+def main(params_path: str, features: Path, out: Path, plots: Path, state: Path | None) -> None:
     setup_logging()
     params = load_params(params_path)
     validate_all(params)
@@ -25,7 +27,7 @@ def main(params_path: str, features: Path, out: Path, plots: Path) -> None:
     cfg.device = get_device()
     with stage_run("align", tracking.experiment, tracking.required, {"align": params.get("align", {})},
                    params) as tracker:
-        align.run(cfg, features, out, plots, tracker)
+        align.run(cfg, features, out, plots, tracker, state)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from mmalign.utils import read_json
 @click.option("--dataset", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="projector checkpoint dir")
 @click.option("--plots", type=click.Path(path_type=Path), required=True, help="training curves dir")
+@click.option("--state", type=click.Path(path_type=Path), default=None,
+              help="resumable training state dir (not a DVC out, so it survives a killed run)")
 def main(params_path: str, models_dir: Path, aligner: Path, features: Path, dataset: Path, out: Path,
-         plots: Path) -> None:
+         plots: Path, state: Path | None) -> None:
     setup_logging()
     params = load_params(params_path)
     validate_all(params)
@@ -30,7 +32,7 @@ def main(params_path: str, models_dir: Path, aligner: Path, features: Path, data
     llm_cfg, train_cfg = project_config(params, read_json(models_dir / "models.json")["llm"], models.trust_remote_code)
     with stage_run("project", tracking.experiment, tracking.required, {"project": params.get("project", {})},
                    params) as tracker:
-        project.run(llm_cfg, train_cfg, aligner, features, dataset, out, plots, tracker)
+        project.run(llm_cfg, train_cfg, aligner, features, dataset, out, plots, tracker, state)
 
 
 if __name__ == "__main__":

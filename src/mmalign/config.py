@@ -200,6 +200,8 @@ class AlignmentConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 42
+    resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
+    state_every: int = 50  # steps between training-state snapshots
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -237,6 +239,14 @@ class AlignmentConfig:
             _fail(s, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.grad_clip <= 0:
             _fail(s, "grad_clip", self.grad_clip, "must be > 0")
+        _check_resume(s, self.resume, self.state_every)
+
+
+def _check_resume(section: str, resume: str, state_every: int) -> None:
+    if resume not in ("auto", "never"):
+        _fail(section, "resume", resume, "allowed: auto, never")
+    if state_every < 1:
+        _fail(section, "state_every", state_every, "must be >= 1")
 
 
 @dataclass
@@ -299,9 +309,12 @@ class ProjectTrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
+    resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
+    state_every: int = 50  # steps between training-state snapshots
 
     def __post_init__(self) -> None:
         s = "project"
+        _check_resume(s, self.resume, self.state_every)
         if self.lr <= 0:
             _fail(s, "lr", self.lr, "must be > 0")
         if self.batch_size < 1:

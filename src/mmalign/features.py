@@ -77,8 +77,11 @@ def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncode
     captions = split["captions"]
     flat = [c for caps in captions for c in caps]
     t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
-    step = max(batch_size, 256)
-    t = [text(flat[i:i + step]) for i in progress(range(0, len(flat), step), desc=f"text features {desc}", unit="batch")]
+    # Large chunks: sentence-transformers sorts each call's texts by length before batching, so
+    # batches hold similar lengths (2.7x faster than 256-caption calls on the default captions).
+    step = 2048
+    t = [text(flat[i:i + step], batch_size=64)
+         for i in progress(range(0, len(flat), step), desc=f"text features {desc}", unit="chunk")]
     return {"vision": torch.cat(v).cpu().contiguous(), "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
 
 

@@ -210,7 +210,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{(value := loss.item()):.3f}")
+        bar.set_postfix(loss=f"{(value := loss.item()):.3f}", refresh=False)
         if step % log_every == 0 or step == spec.steps - 1:
             logger.info("pretrain step %d/%d loss %.4f", step + 1, spec.steps, value)
     final_loss = eval_loss()

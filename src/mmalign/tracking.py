@@ -89,14 +89,19 @@ def _configure_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
+def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
+    """Get or create the experiment. For a sqlite store this also creates the database, so it runs
+    under a file lock: parallel queued experiments (`dvc queue start -j 2`) must not both migrate it."""
+    lock = contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        lock = FileLock(uri[len("sqlite:///"):] + ".lock", timeout=120)
+    with lock:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
         return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
-    except Exception:  # another process created it first (parallel queued experiments)
-        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 @contextlib.contextmanager
@@ -119,7 +124,7 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        exp_id = _experiment_id(mlflow, experiment, root)
+        exp_id = _experiment_id(mlflow, experiment, root, uri)
         run = mlflow.start_run(experiment_id=exp_id, run_name=f"{exp_name or 'workspace'}/{stage}",
                                tags={"mmalign.stage": stage, "mmalign.pipeline": pipeline,
                                      "dvc.exp_name": exp_name or "workspace", "git.commit": commit})

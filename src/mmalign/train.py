@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .losses import alignment_loss
+from .train_state import load_state, restore, save_state
 from .utils import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -46,41 +49,64 @@ def fit(
     monitor: str | None = None,
     mode: str = "max",
     save_best: Callable[[int], None] | None = None,
+    checkpoint: str = "the best checkpoint",
     on_log: Callable[[dict[str, float], int], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    state_dir: Path | None = None,
+    state_every: int = 50,
+    fingerprint: str = "",
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the parameters of `model` that require grad.
 
     loss_fn(batch) -> {"loss": scalar, other named terms}. evaluate() -> val metrics after each epoch;
-    the epoch with the best `monitor` value (max or min per `mode`) calls save_best(epoch).
-    on_log(metrics, step) receives per-step training terms and per-epoch val metrics.
-    Returns {"steps": [...], "epochs": [...], "best": {...}}.
+    the epoch with the best `monitor` value (max or min per `mode`) calls save_best(epoch), and the
+    model ends with the best weights. on_log(metrics, step) gets per-step terms and val metrics.
+    With `state_dir`, the full training state is written there every `state_every` steps and at each
+    epoch end; a run started again with the same `fingerprint` resumes from it and ends with the
+    same weights as an uninterrupted run (batches are a function of (seed, epoch); RNG is restored).
+    A finished run deletes its state. Returns {"steps": [...], "epochs": [...], "best": {...}}.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
         raise ValueError("model has no trainable parameters")
+    params = list(named.values())
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = num_epochs * len(loader)  # type: ignore[arg-type]
-    scheduler = warmup_cosine(optimizer, int(warmup_ratio * total), total)
+    per_epoch = len(loader)  # type: ignore[arg-type]
+    scheduler = warmup_cosine(optimizer, int(warmup_ratio * num_epochs * per_epoch), num_epochs * per_epoch)
     history: dict[str, Any] = {"steps": [], "epochs": [], "best": {}}
-    best = -math.inf if mode == "max" else math.inf
-    step = 0
-    for epoch in range(num_epochs):
+    best, best_state, step, saved_here = (-math.inf if mode == "max" else math.inf), None, 0, False
+    loaded = load_state(state_dir, fingerprint) if state_dir is not None else None
+    if loaded is not None:
+        tensors, meta = loaded
+        best_state = restore(tensors, meta, named, optimizer, scheduler)
+        history, step, best = meta["history"], meta["step"], meta["best_score"]
+        log.info("%s: resuming from %s at step %d (epoch %d)", desc, state_dir, step, len(history["epochs"]) + 1)
+
+    def snapshot() -> None:
+        if state_dir is not None:
+            save_state(state_dir, model_state={n: p.detach() for n, p in named.items()}, best_state=best_state,
+                       optimizer=optimizer, scheduler=scheduler,
+                       meta={"fingerprint": fingerprint, "step": step, "history": history, "best_score": best})
+
+    for epoch in range(len(history["epochs"]), num_epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         model.train()
+        done = step - epoch * per_epoch  # batches of this epoch finished before a resume
         bar = progress_bar(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i < done:
+                continue
             terms = loss_fn(_to(batch, device))
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 last = history["best"].get("epoch")
                 raise FloatingPointError(
-                    f"{desc}: loss is {loss.item()} at step {step} (epoch {epoch + 1}); training stopped. "
-                    f"Last good checkpoint: {'epoch ' + str(last) if last else 'none written yet'}. "
+                    f"{desc}: loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
+                    f"Last good checkpoint: {f'{checkpoint} (epoch {last})' if last else 'none written yet'}. "
                     "Lower the learning rate or check the input features.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -95,7 +121,9 @@ def fit(
             history["steps"].append({"step": step, "epoch": epoch + 1, **row})
             if on_log is not None:
                 on_log(row, step)
-            bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+            if step % state_every == 0:
+                snapshot()
         val = evaluate() if evaluate is not None else {}
         history["epochs"].append({"epoch": epoch + 1, "step": step, **val})
         if on_log is not None and val:
@@ -104,10 +132,21 @@ def fit(
         if score is None or (score > best if mode == "max" else score < best):
             best = score if score is not None else best
             history["best"] = {"epoch": epoch + 1, "step": step, **val}
+            best_state = {n: p.detach().clone() for n, p in named.items()}
             if save_best is not None:
                 save_best(epoch + 1)
+                saved_here = True
+        snapshot()
         log.info("%s epoch %d/%d: loss %.4f %s", desc, epoch + 1, num_epochs, history["steps"][-1]["train/loss"],
                  " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+    if best_state is not None:  # end on the best weights; a resumed run may not have written them yet
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(best_state[n])
+        if save_best is not None and not saved_here:
+            save_best(history["best"]["epoch"])
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return history
 
 

@@ -16,7 +16,7 @@ from ..features import Features, load_features
 from ..metrics import retrieval_metrics
 from ..train import train_alignment
 from ..utils import read_json, set_seed
-from .common import write_history
+from .common import state_options, write_history
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def val_retrieval(model: VisionTextAligner, feats: Features) -> dict[str, float]
     return out
 
 
-def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path, tracker: Any) -> dict[str, Any]:
+def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path, tracker: Any,
+        state_dir: Path | None = None) -> dict[str, Any]:
     fp = read_json(features_dir / "fingerprint.json")
     cfg = dataclasses.replace(cfg, vision_model_name=fp["vision_model"], text_model_name=fp["text_model"],
                               vision_dim=fp["vision_dim"], text_dim=fp["text_dim"],
@@ -54,6 +55,7 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     log.info("align: %d train images, %d val images, %d steps/epoch", train.num_images, val.num_images, len(loader))
     history = train_alignment(
         model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R@1",
-        save_best=lambda epoch: model.save_pretrained(out_dir), on_log=tracker.log_metrics)
+        save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir), on_log=tracker.log_metrics,
+        **state_options(cfg, state_dir, fp["files"]))
     write_history(history, plots_dir, tracker)
     return history

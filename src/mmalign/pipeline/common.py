@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +24,17 @@ def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any) -> Non
     write_csv(pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")), plots_dir / "val.csv")
     tracker.log_metrics({k.replace("val/", "best_val/"): v for k, v in history["best"].items() if k.startswith("val/")})
     tracker.log_artifact(plots_dir, "plots")
+
+
+def state_options(cfg: Any, state_dir: Path | None, *inputs: Any) -> dict[str, Any]:
+    """fit() kwargs for resumable training: the state lives in `state_dir` unless cfg.resume is never.
+
+    The fingerprint covers every param of the stage and its inputs, so a state left by a run with
+    other params or data is never resumed.
+    """
+    if state_dir is None or cfg.resume == "never":
+        return {}
+    blob = json.dumps([{k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, *inputs],
+                      sort_keys=True, default=str)
+    return {"state_dir": state_dir, "state_every": cfg.state_every,
+            "fingerprint": hashlib.sha256(blob.encode()).hexdigest()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from ..data.dataset import CaptionBatches
 from ..features import load_features
 from ..llm import MultimodalLLM
 from ..train import mean_caption_loss, train_projector
-from ..utils import set_seed
-from .common import write_history
+from ..features import sha256
+from ..utils import read_json, set_seed
+from .common import state_options, write_history
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def caption_ids(tokenizer: Any, dataset_split: Any) -> list[list[int]]:
 
 
 def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features_dir: Path, dataset_dir: Path,
-        out_dir: Path, plots_dir: Path, tracker: Any) -> dict[str, Any]:
+        out_dir: Path, plots_dir: Path, tracker: Any, state_dir: Path | None = None) -> dict[str, Any]:
     import datasets
 
     set_seed(cfg.seed)
@@ -44,7 +46,9 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
     tracker.log_metrics({"trainable_params": n_train})
     history = train_projector(
         model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"])},
-        monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir),
-        on_log=tracker.log_metrics)
+        monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir),
+        on_log=tracker.log_metrics,
+        **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
+            features_dir / "fingerprint.json")["files"]))
     write_history(history, plots_dir, tracker)
     return history
