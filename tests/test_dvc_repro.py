@@ -71,3 +71,29 @@ def test_dvc_repro_end_to_end(repo):
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
     tagged = {r.data.tags["mmalign.stage"] for r in runs if r.data.tags.get("dvc.exp_name") == "lr-test"}
     assert tagged == {"align", "project", "evaluate"}
+
+
+def test_queued_experiments_in_parallel_lose_no_run(repo):
+    """4 queued experiments, 2 at a time, all log complete runs into the workspace's one mlflow.db."""
+    import time
+
+    import mlflow
+
+    names = [f"q{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        sh([*DVC, "exp", "run", "--queue", "--name", name, "-S", f"align.lr={0.001 * (i + 3)}"], repo)
+    sh([*DVC, "queue", "start", "-j", "2"], repo)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh([*DVC, "queue", "status"], repo)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    sh([*DVC, "queue", "stop", "--kill"], repo) if time.monotonic() >= deadline else None
+    assert "Failed" not in status, status
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
+    done = {r.data.tags.get("dvc.exp_name") for r in runs
+            if r.data.tags["mmalign.stage"] == "evaluate" and r.info.status == "FINISHED"
+            and "retrieval.i2t.R_at_1" in r.data.metrics}
+    assert set(names) <= done

@@ -23,8 +23,9 @@ from test_stages import ARGS
 
 
 def _model_and_loader(seed: int = 0):
+    g = torch.Generator().manual_seed(0)  # the data never changes; `seed` only changes the init
+    v, t = torch.randn(64, 12, generator=g), torch.randn(64, 10, generator=g)
     torch.manual_seed(seed)
-    v, t = torch.randn(64, 12), torch.randn(64, 10)
     cfg = AlignmentConfig(vision_dim=12, text_dim=10, d_align=8, hidden_dim=16, mrl_dims=[4, 8], batch_size=16,
                           num_epochs=3, dropout=0.2, lr=1e-2)
     model = VisionTextAligner(cfg)
@@ -125,3 +126,25 @@ def test_align_and_project_killed_with_sigkill_resume(tmp_path, tiny_params_file
         ref = pd.read_csv(tmp_path / f"ref/plots/{stage}/val.csv")
         pd.testing.assert_frame_equal(got, ref)
         assert not (tmp_path / f"state/{stage}").exists()
+
+
+def test_nan_loss_stops_with_step_and_keeps_best_checkpoint(tmp_path):
+    model, loader = _model_and_loader()
+    clean = loader.vision.clone()
+
+    class PoisonedAtEpoch3(FeaturePairBatches):
+        def set_epoch(self, epoch):
+            super().set_epoch(epoch)
+            self.vision = clean.clone()
+            if epoch == 2:
+                self.vision[:] = float("nan")  # a corrupted feature cache
+
+    poisoned = PoisonedAtEpoch3(clean, loader.text, torch.arange(64), 16, seed=1)
+    ckpt = tmp_path / "aligner"
+    with pytest.raises(FloatingPointError, match=rf"loss is nan at step 9 \(epoch 3\).*{ckpt} \(epoch 2\)"):
+        train_alignment(model, poisoned, progress=False, evaluate=lambda: {"v": 1.0 - model.logit_scale.item()},
+                        monitor="v", save_best=lambda epoch: model.save_pretrained(ckpt), checkpoint=str(ckpt))
+    before = (ckpt / "model.safetensors").read_bytes()
+    reloaded = VisionTextAligner.from_pretrained(ckpt)  # the best checkpoint is intact and loads
+    assert all(torch.isfinite(v).all() for v in reloaded.trainable_state_dict().values())
+    assert (ckpt / "model.safetensors").read_bytes() == before

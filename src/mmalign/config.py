@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,29 +132,87 @@ class ModelsConfig:
             _fail("models", "llm", self.llm, f"the only builtin LLM is {BUILTIN_LLM}")
 
 
+SOURCES = ("synthetic", "hf", "imagefolder")
+
+
+@dataclass
+class SplitNames:
+    """Which split of the source (or which value of `hf.split_column`) becomes train / val / test."""
+
+    train: str = "train"
+    val: str = "validation"
+    test: str = "test"
+
+
+@dataclass
+class HFSourceConfig:
+    """`prepare.source: hf`: a dataset loaded with `datasets` (Flickr30k / COCO-Karpathy style)."""
+
+    path: str = ""  # hub dataset id, a save_to_disk directory, or a parquet file / directory
+    name: str | None = None  # dataset config name (load_dataset's `name`)
+    revision: str | None = None  # hub branch, tag or commit
+    image_column: str = "image"  # images (datasets.Image) or image file paths
+    caption_column: str = "caption"  # a string or a list of strings per row
+    id_column: str | None = None  # rows sharing an id are one image (one row per caption); null: row = image
+    split_column: str | None = None  # take train/val/test from this column's values (e.g. Karpathy's `split`)
+
+    def __post_init__(self) -> None:
+        for key in ("image_column", "caption_column"):
+            if not getattr(self, key).strip():
+                _fail("prepare.hf", key, getattr(self, key), "must name a column")
+
+
+@dataclass
+class ImageFolderConfig:
+    """`prepare.source: imagefolder`: images + metadata.jsonl / metadata.csv (`file_name` + a caption field),
+    the Hugging Face imagefolder layout; split subfolders (train/, validation/, test/) each with their own
+    metadata file, or one metadata file at the top (divided by `prepare.split_ratios`)."""
+
+    path: str = ""
+    caption_column: str = "text"  # metadata field with one caption or a list; several rows per file_name add up
+
+
 @dataclass
 class PrepareConfig:
-    """Dataset generation and frozen-feature extraction."""
+    """Dataset (synthetic, a `datasets` dataset, or an image folder) and frozen-feature extraction."""
 
     SECTION = "prepare"
-    source: str = "synthetic"  # synthetic (more sources: see README)
-    seed: int = 0
-    n_train: int = 3000
+    source: str = "synthetic"  # synthetic | hf | imagefolder
+    seed: int = 0  # synthetic data; the shuffle before a ratio split
+    n_train: int = 3000  # n_*, captions_per_image, max_objects: synthetic only
     n_val: int = 300
     n_test: int = 300
-    image_size: int = 64
+    image_size: int = 64  # synthetic images and the builtin tiny CLIP's input size
     captions_per_image: int = 3
     max_objects: int = 4
+    on_bad_sample: str = "error"  # hf/imagefolder: error stops at the first bad sample | skip drops and counts it
+    splits: SplitNames = field(default_factory=SplitNames)
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # [train, val, test], one-split sources
+    max_samples: int | None = None  # at most this many images per split (hf/imagefolder); null: all
+    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
+    imagefolder: ImageFolderConfig = field(default_factory=ImageFolderConfig)
     vision_pooling: str = "grid"  # cls | mean | grid: how the vision tower's tokens become one feature
     vision_grid: int = 4  # grid side for vision_pooling=grid
     batch_size: int = 128  # feature-extraction batch size
-    num_workers: int = 0  # DataLoader workers decoding/preprocessing images during extraction
+    num_workers: int = 0  # workers decoding/checking images (hf/imagefolder) and preprocessing them for extraction
     tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
     tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic",):
-            _fail("prepare", "source", self.source, "allowed: synthetic")
+        if self.source not in SOURCES:
+            _fail("prepare", "source", self.source, f"allowed: {', '.join(SOURCES)}")
+        if self.source != "synthetic" and not getattr(self, self.source).path.strip():
+            _fail("prepare", f"{self.source}.path", getattr(self, self.source).path,
+                  f"prepare.source is {self.source}: set it to " + (
+                      "a hub dataset id, a save_to_disk directory or a parquet file/directory"
+                      if self.source == "hf" else "a folder with images and metadata.jsonl or metadata.csv"))
+        if self.on_bad_sample not in ("error", "skip"):
+            _fail("prepare", "on_bad_sample", self.on_bad_sample, "allowed: error, skip")
+        r = self.split_ratios
+        if len(r) != 3 or min(r) <= 0 or not math.isclose(sum(r), 1.0, abs_tol=1e-6):
+            _fail("prepare", "split_ratios", r, "need 3 shares [train, val, test], each > 0, summing to 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            _fail("prepare", "max_samples", self.max_samples, "must be >= 1, or null for all")
         for key in ("n_train", "n_val", "n_test"):
             if getattr(self, key) < 1:
                 _fail("prepare", key, getattr(self, key), "must be >= 1")

@@ -1,4 +1,4 @@
-"""Frozen encoders: a CLIP vision tower and a sentence-transformers text model.
+"""Frozen encoders: a CLIP (or SigLIP) vision tower and a sentence-transformers text model.
 
 Both load through the real Hugging Face paths (`from_pretrained`), so a hub id, a local HF
 cache or a local directory all work; the offline default's tiny CLIP is built here too.
@@ -7,7 +7,6 @@ cache or a local directory all work; the offline default's tiny CLIP is built he
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TinyCLIPConfig
+from .hub import hub_unreachable, local_files_only, offline_flag
 from .utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,23 @@ class ModelLoadError(RuntimeError):
     """A model id or path could not be loaded; the message says how to fix it."""
 
 
+LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained / SentenceTransformer raise for a bad id or directory
+
+
 def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
-    if Path(name).exists():
-        return ModelLoadError(f"cannot load {kind} from local path '{name}': {err}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    """One message naming the model and the fix, for a load that failed with `err`."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(name).expanduser().exists():
+        return ModelLoadError(f"cannot load {kind} from local path '{name}': {first}")
+    if name.startswith(("/", "./", "../", "~")):
+        return ModelLoadError(f"cannot load {kind} '{name}': no such directory. Fix: check the path (relative "
+                              "paths start at the repo root), or give a hub id")
+    if not hub_unreachable():
+        return ModelLoadError(f"cannot load {kind} '{name}' from the Hugging Face Hub: {first}. Fix: check the id, "
+                              "and for a gated model log in (`hf auth login`)")
     return ModelLoadError(
         f"cannot load {kind} '{name}': not a local path and not in the Hugging Face cache"
-        f"{' (HF_HUB_OFFLINE is set)' if offline else ' and the hub is unreachable'}. Fix: download it where "
+        f"{' (HF_HUB_OFFLINE is set)' if offline_flag() else ' and the hub is unreachable'}. Fix: download it where "
         f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set the "
         "param to a local directory.")
 
@@ -77,13 +87,14 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 POOLINGS = ("cls", "mean", "grid")
+VISION_TOWERS = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
 class FrozenVisionEncoder(nn.Module):
-    """CLIP vision tower -> image feature (B, dim). Never trained.
+    """CLIP (or SigLIP) vision tower -> image feature (B, dim). Never trained.
 
     pooling: "cls" is CLIP's own pooled output (post-LayerNorm CLS token), the usual choice for a
-    pretrained CLIP; "mean" averages the patch tokens; "grid" average-pools the patch tokens onto a
+    pretrained CLIP (SigLIP: its attention-pooling head); "mean" averages the patch tokens; "grid" average-pools the patch tokens onto a
     `grid` x `grid` map and concatenates the cells (dim = grid^2 * hidden), keeping where things are.
     A randomly initialised tower (the offline stand-in) mixes little into its CLS token, so the
     default uses "grid" (README has the measured difference).
@@ -91,16 +102,23 @@ class FrozenVisionEncoder(nn.Module):
 
     def __init__(self, name: str, trust_remote_code: bool = False, pooling: str = "cls", grid: int = 4):
         super().__init__()
-        from transformers import AutoImageProcessor, CLIPVisionModel
+        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
         if pooling not in POOLINGS:
             raise ValueError(f"vision pooling={pooling!r}: allowed: {', '.join(POOLINGS)}")
         self.name, self.pooling, self.grid = name, pooling, grid
+        kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only(name)}
         try:
-            self.model = freeze(CLIPVisionModel.from_pretrained(name, trust_remote_code=trust_remote_code))
-            self.processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except OSError as e:
+            model_type = AutoConfig.from_pretrained(name, **kw).model_type
+            if model_type not in VISION_TOWERS:
+                raise ModelLoadError(f"models.vision '{name}' is a '{model_type}' model; supported: CLIP and SigLIP "
+                                     "vision towers (model_type " + ", ".join(VISION_TOWERS) + ")")
+            cls = SiglipVisionModel if model_type.startswith("siglip") else CLIPVisionModel
+            self.model = freeze(cls.from_pretrained(name, **kw))
+            self.processor = AutoImageProcessor.from_pretrained(name, **kw)
+        except LOAD_ERRORS as e:
             raise model_load_error(name, "vision encoder", e) from None
+        self.has_cls = cls is CLIPVisionModel  # SigLIP has no CLS token: every output token is a patch
         hidden = self.model.config.hidden_size
         self.dim: int = hidden * grid * grid if pooling == "grid" else hidden
 
@@ -118,7 +136,7 @@ class FrozenVisionEncoder(nn.Module):
         out = self.model(pixel_values=pixel_values.to(device))
         if self.pooling == "cls":
             return out.pooler_output.float()
-        patches = out.last_hidden_state[:, 1:]  # (B, T, D), CLS dropped
+        patches = out.last_hidden_state[:, 1:] if self.has_cls else out.last_hidden_state  # (B, T, D), no CLS
         if self.pooling == "mean":
             return patches.mean(1).float()
         B, T, D = patches.shape
@@ -137,8 +155,9 @@ class FrozenTextEncoder(nn.Module):
         self.name = name
         path = resolve_text_model(name)
         try:
-            self.model = freeze(SentenceTransformer(path, device="cpu", trust_remote_code=trust_remote_code))
-        except OSError as e:
+            self.model = freeze(SentenceTransformer(path, device="cpu", trust_remote_code=trust_remote_code,
+                                                    local_files_only=local_files_only(path)))
+        except LOAD_ERRORS as e:
             raise model_load_error(name, "text encoder", e) from None
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim: int = get_dim()

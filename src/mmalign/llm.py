@@ -18,7 +18,8 @@ from torch import nn
 
 from .aligner import VisionTextAligner
 from .config import LLMConfig, LoRAConfig, from_dict
-from .encoders import freeze, model_load_error
+from .encoders import LOAD_ERRORS, freeze, model_load_error
+from .hub import local_files_only
 from .utils import DTYPES, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,11 @@ class VisionToLLMProjector(nn.Module):
 def load_llm(cfg: LLMConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local_files_only(cfg.model_name)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
-        llm = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=DTYPES[cfg.dtype],
-                                                   trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, **kw)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=DTYPES[cfg.dtype], **kw)
+    except LOAD_ERRORS as e:
         raise model_load_error(cfg.model_name, "LLM", e) from None
     if tokenizer.pad_token_id is None:  # e.g. Llama-style tokenizers; pads are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,17 +1,22 @@
-"""prepare: dataset -> HF `datasets` on disk; builtin stand-in models; frozen-encoder feature cache."""
+"""prepare: dataset (synthetic, hf or imagefolder) -> HF `datasets` on disk; builtin stand-in models;
+frozen-encoder feature cache; a report with split sizes and bad samples skipped by reason."""
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..config import BUILTIN_LLM, BUILTIN_VISION, ModelsConfig, PrepareConfig
+from ..data.samples import clean_split
+from ..data.sources import check_not_empty, load_source, split_sizes
 from ..encoders import FrozenTextEncoder, FrozenVisionEncoder, build_tiny_clip
 from ..features import build_feature_cache
 from ..tiny_llm import build_tiny_llm, caption_documents
-from ..utils import atomic_path, write_json
+from ..utils import atomic_path, get_device, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,20 @@ def synthetic_dataset(cfg: PrepareConfig) -> Any:
         for name, rows in splits.items()})
 
 
+def user_dataset(cfg: PrepareConfig, work_dir: Path) -> tuple[Any, dict[str, int]]:
+    """An hf / imagefolder source as a checked `datasets.DatasetDict` (id, image, captions) + skipped counts."""
+    import datasets
+
+    raw, where = load_source(cfg)
+    splits, skipped = {}, Counter()
+    for role, split in raw.items():
+        splits[role], counts = clean_split(split, role, cfg.on_bad_sample, work_dir / f"{role}.arrow", cfg.num_workers)
+        skipped.update(counts)
+    check_not_empty(splits, where, after=f" left after skipping bad samples ({dict(skipped)})")
+    log.info("%s: %s images (%d bad samples skipped)", where, split_sizes(splits), sum(skipped.values()))
+    return datasets.DatasetDict(splits), dict(sorted(skipped.items()))
+
+
 def build_models(models: ModelsConfig, cfg: PrepareConfig, train_captions: list[list[str]], out_dir: Path
                  ) -> dict[str, str]:
     """Build the `builtin:` stand-ins into out_dir; return the resolved name/path of every model."""
@@ -55,25 +74,31 @@ def build_models(models: ModelsConfig, cfg: PrepareConfig, train_captions: list[
 
 def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir: Path, features_dir: Path,
         report_path: Path, tracker: Any) -> dict[str, Any]:
-    dataset = synthetic_dataset(cfg)
-    with atomic_path(dataset_dir) as tmp:
-        dataset.save_to_disk(str(tmp))
     import datasets
+
+    with atomic_path(dataset_dir) as tmp, tempfile.TemporaryDirectory(
+            prefix=".prepare-", dir=dataset_dir.parent) as work:  # beside the outputs: real datasets are large
+        dataset, skipped = (synthetic_dataset(cfg), {}) if cfg.source == "synthetic" else user_dataset(cfg, Path(work))
+        dataset.save_to_disk(str(tmp))
 
     dataset = datasets.load_from_disk(str(dataset_dir))  # re-open: fingerprints/images now come from disk
     resolved = build_models(models, cfg, dataset["train"]["captions"], models_dir)
     vision = FrozenVisionEncoder(resolved["vision"], models.trust_remote_code, cfg.vision_pooling, cfg.vision_grid)
     text = FrozenTextEncoder(resolved["text"], models.trust_remote_code)
+    vision.to(get_device())
+    text.to(get_device())
     fingerprint = build_feature_cache(dataset, vision, text, features_dir, cfg.batch_size, cfg.num_workers)
     report = {
         "source": cfg.source,
         "splits": {name: {"images": len(split), "captions": sum(len(c) for c in split["captions"])}
                    for name, split in dataset.items()},
-        "skipped": {},
+        "on_bad_sample": cfg.on_bad_sample,
+        "skipped": skipped,
         "models": resolved,
         "vision_dim": fingerprint["vision_dim"], "text_dim": fingerprint["text_dim"],
     }
     write_json(report_path, report)
     tracker.log_metrics({f"{name}_{k}": v for name, s in report["splits"].items() for k, v in s.items()})
+    tracker.log_metrics({"skipped": {**skipped, "total": sum(skipped.values())}})
     tracker.log_artifact(report_path)
     return report
