@@ -83,6 +83,8 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
     for i, name in enumerate(names):
         sh([*DVC, "exp", "run", "--queue", "--name", name, "-S", f"align.lr={0.001 * (i + 3)}"], repo)
     sh([*DVC, "queue", "start", "-j", "2"], repo)
+    sh([*DVC, "exp", "run", "--temp", "--name", "tmp-run", "-S", "align.lr=0.0077"], repo)  # runs meanwhile
+    names.append("tmp-run")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = sh([*DVC, "queue", "status"], repo)

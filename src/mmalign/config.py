@@ -117,7 +117,7 @@ class ModelsConfig:
     """Which frozen models the pipeline uses: a hub id, a local path, or a `builtin:` stand-in."""
 
     SECTION = "models"
-    vision: str = BUILTIN_VISION  # builtin:tiny-clip | HF CLIP id or path (e.g. openai/clip-vit-base-patch32)
+    vision: str = BUILTIN_VISION  # builtin:tiny-clip | CLIP or SigLIP id or path (e.g. openai/clip-vit-base-patch32)
     text: str = "sentence-transformers/all-MiniLM-L6-v2"  # sentence-transformers id or path
     llm: str = BUILTIN_LLM  # builtin:tiny-qwen2 | causal LM id or path (e.g. Qwen/Qwen2.5-1.5B-Instruct)
     trust_remote_code: bool = False  # passed to from_pretrained; off unless you trust the model repo
@@ -286,26 +286,29 @@ class AlignmentConfig:
                   "must be >= 0 and not both 0")
         if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
             _fail(s, "logit_scale_init", self.logit_scale_init, f"must be in [1, logit_scale_max={self.logit_scale_max}]")
-        if self.lr <= 0:
-            _fail(s, "lr", self.lr, "must be > 0")
-        if self.weight_decay < 0:
-            _fail(s, "weight_decay", self.weight_decay, "must be >= 0")
         if self.batch_size < 2:
             _fail(s, "batch_size", self.batch_size, "must be >= 2 (a contrastive loss needs negatives)")
-        if self.num_epochs < 1:
-            _fail(s, "num_epochs", self.num_epochs, "must be >= 1")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            _fail(s, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        if self.grad_clip <= 0:
-            _fail(s, "grad_clip", self.grad_clip, "must be > 0")
-        _check_resume(s, self.resume, self.state_every)
+        _check_training(s, self)
 
 
-def _check_resume(section: str, resume: str, state_every: int) -> None:
-    if resume not in ("auto", "never"):
-        _fail(section, "resume", resume, "allowed: auto, never")
-    if state_every < 1:
-        _fail(section, "state_every", state_every, "must be >= 1")
+def _check_training(section: str, cfg: Any) -> None:
+    """Checks shared by both training sections (align, project)."""
+    if cfg.lr <= 0:
+        _fail(section, "lr", cfg.lr, "must be > 0")
+    if cfg.weight_decay < 0:
+        _fail(section, "weight_decay", cfg.weight_decay, "must be >= 0")
+    if cfg.batch_size < 1:
+        _fail(section, "batch_size", cfg.batch_size, "must be >= 1")
+    if cfg.num_epochs < 1:
+        _fail(section, "num_epochs", cfg.num_epochs, "must be >= 1")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        _fail(section, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    if cfg.grad_clip <= 0:
+        _fail(section, "grad_clip", cfg.grad_clip, "must be > 0")
+    if cfg.resume not in ("auto", "never"):
+        _fail(section, "resume", cfg.resume, "allowed: auto, never")
+    if cfg.state_every < 1:
+        _fail(section, "state_every", cfg.state_every, "must be >= 1")
 
 
 @dataclass
@@ -372,18 +375,7 @@ class ProjectTrainConfig:
     state_every: int = 50  # steps between training-state snapshots
 
     def __post_init__(self) -> None:
-        s = "project"
-        _check_resume(s, self.resume, self.state_every)
-        if self.lr <= 0:
-            _fail(s, "lr", self.lr, "must be > 0")
-        if self.batch_size < 1:
-            _fail(s, "batch_size", self.batch_size, "must be >= 1")
-        if self.num_epochs < 1:
-            _fail(s, "num_epochs", self.num_epochs, "must be >= 1")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            _fail(s, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        if self.grad_clip <= 0:
-            _fail(s, "grad_clip", self.grad_clip, "must be > 0")
+        _check_training("project", self)
 
 
 @dataclass
