@@ -61,7 +61,8 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert "retrieval.i2t.R_at_1" in ev.data.metrics
     client = mlflow.MlflowClient()
     figures = {f.path for f in client.list_artifacts(ev.info.run_id, "figures")}
-    assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png"} <= figures
+    assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
+            "figures/retrieval_examples.png", "figures/project_loss.png"} <= figures
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
 
 

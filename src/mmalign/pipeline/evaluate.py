@@ -37,6 +37,15 @@ def retrieval(model: VisionTextAligner, features_dir: Path) -> tuple[dict[str, A
     return out, (z_v, z_t, test)
 
 
+def retrieval_figure(z_v: torch.Tensor, z_t: torch.Tensor, test: Any, split: Any, n_queries: int = 4, k: int = 5):
+    """Top-k test images for the first caption of the first few test images; the right one framed."""
+    first = [int((test.text_to_image == i).nonzero()[0]) for i in range(min(n_queries, test.num_images))]
+    top = (z_t[first] @ z_v.T).topk(min(k, test.num_images), dim=-1).indices  # (Q, k)
+    captions = [c for caps in split.select(range(len(first)))["captions"] for c in caps[:1]]
+    images = [[split[int(j)]["image"] for j in row] for row in top]
+    return plots.retrieval_examples(captions, images, [[int(j) == i for j in row] for i, row in enumerate(top)])
+
+
 def by_dim_rows(ret: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([{"dim": int(d), "i2t_R@1": m["i2t"]["R@1"], "t2i_R@1": m["t2i"]["R@1"],
                           "chance_i2t_R@1": ret["chance"]["i2t"]["R@1"], "chance_t2i_R@1": ret["chance"]["t2i"]["R@1"]}
@@ -91,7 +100,7 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
                          "pass --projector and --dataset, or set evaluate.captioning: false")
     torch.manual_seed(0)
     model = VisionTextAligner.from_pretrained(aligner_dir).eval()
-    ret, _ = retrieval(model, features_dir)
+    ret, embeddings = retrieval(model, features_dir)
     metrics: dict[str, Any] = {"retrieval": ret}
     log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R@1"],
              ret["chance"]["i2t"]["R@1"], ret["t2i"]["R@1"], ret["chance"]["t2i"]["R@1"])
@@ -103,11 +112,13 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
     steps = pd.read_csv(align_plots / "loss.csv")
     tracker.log_figure(plots.loss_curve(steps, "align: training loss", ("loss", "clip", "mrl")), "figures/align_loss.png")
 
-    if cfg.captioning and projector_dir is not None:
+    if dataset_dir is not None:
         import datasets
 
-        mm = MultimodalLLM.from_pretrained(projector_dir, model)
         test_split = datasets.load_from_disk(str(dataset_dir))["test"]
+        tracker.log_figure(retrieval_figure(*embeddings, test_split), "figures/retrieval_examples.png")
+    if cfg.captioning and projector_dir is not None:
+        mm = MultimodalLLM.from_pretrained(projector_dir, model)
         metrics["captioning"] = captioning(cfg, mm, features_dir, test_split, out_dir, tracker)
         log.info("test captioning: CIDEr %.3f (blind %.3f), distinct %.2f", metrics["captioning"]["trained"]["CIDEr"],
                  metrics["captioning"]["blind"]["CIDEr"], metrics["captioning"]["trained"]["distinct"])
