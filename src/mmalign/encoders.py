@@ -29,6 +29,7 @@ class ModelLoadError(RuntimeError):
 
 
 LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained / SentenceTransformer raise for a bad id or directory
+PARAMS = {"vision encoder": "models.vision", "text encoder": "models.text", "LLM": "models.llm"}
 
 
 def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
@@ -45,8 +46,8 @@ def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load {kind} '{name}': not a local path and not in the Hugging Face cache"
         f"{' (HF_HUB_OFFLINE is set)' if offline_flag() else ' and the hub is unreachable'}. Fix: download it where "
-        f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set the "
-        "param to a local directory.")
+        f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set "
+        f"{PARAMS.get(kind, 'the param')} to a local directory.")
 
 
 def resolve_text_model(name: str) -> str:
@@ -93,9 +94,10 @@ VISION_TOWERS = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 class FrozenVisionEncoder(nn.Module):
     """CLIP (or SigLIP) vision tower -> image feature (B, dim). Never trained.
 
-    pooling: "cls" is CLIP's own pooled output (post-LayerNorm CLS token), the usual choice for a
-    pretrained CLIP (SigLIP: its attention-pooling head); "mean" averages the patch tokens; "grid" average-pools the patch tokens onto a
-    `grid` x `grid` map and concatenates the cells (dim = grid^2 * hidden), keeping where things are.
+    pooling: "cls" is CLIP's own pooled output (post-LayerNorm CLS token; SigLIP: its attention-pooling
+    head), the usual choice for a pretrained tower; "mean" averages the patch tokens; "grid" average-pools
+    the patch tokens onto a `grid` x `grid` map and concatenates the cells (dim = grid^2 * hidden),
+    keeping where things are.
     A randomly initialised tower (the offline stand-in) mixes little into its CLS token, so the
     default uses "grid" (README has the measured difference).
     """

@@ -24,7 +24,8 @@ PROBE_TIMEOUT_S = 3.0
 
 def offline_flag() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set."""
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 @functools.cache
@@ -35,7 +36,8 @@ def hub_unreachable() -> bool:
     if offline_flag() or constants.HF_HUB_OFFLINE:
         return True
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+        request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return False  # the hub answered (with an error status): it is reachable
     except OSError as e:  # DNS failure, refused connection, timeout

@@ -41,7 +41,8 @@ def read_split(folder: Path, caption_column: str) -> Any:
     meta = metadata_file(folder)
     rows = read_metadata(meta)
     fields = sorted(set().union(*rows)) if rows else []
-    for key, param in (("file_name", "the HF imagefolder convention"), (caption_column, "prepare.imagefolder.caption_column")):
+    for key, param in (("file_name", "the HF imagefolder convention"),
+                       (caption_column, "prepare.imagefolder.caption_column")):
         if rows and key not in fields:
             raise ValueError(f"{meta} has no field '{key}' ({param}); its fields: {', '.join(fields)}")
     captions: dict[str, list] = {}
@@ -49,7 +50,8 @@ def read_split(folder: Path, caption_column: str) -> Any:
         value = row.get(caption_column)
         captions.setdefault(str(row.get("file_name") or ""), []).extend(value if isinstance(value, list) else [value])
     return datasets.Dataset.from_dict(
-        {"id": list(captions), "image": [str(folder / f) if f else "" for f in captions], "captions": list(captions.values())},
+        {"id": list(captions), "image": [str(folder / f) if f else "" for f in captions],
+         "captions": list(captions.values())},
         features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Value("string"),
                                     "captions": datasets.List(datasets.Value("string"))}))
 
@@ -62,6 +64,7 @@ def read_imagefolder(root: Path, caption_column: str) -> dict[str, Any]:
         return {"train": read_split(root, caption_column)}
     found = {d.name: read_split(d, caption_column) for d in sorted(root.iterdir()) if d.is_dir() and metadata_file(d)}
     if not found:
+        holds = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
         raise ValueError(f"image folder {root} has no {' or '.join(METADATA)}, neither at its top level nor in split "
-                         f"subfolders (it holds: {', '.join(sorted(p.name for p in root.iterdir())[:10]) or 'nothing'})")
+                         f"subfolders (it holds: {holds})")
     return found

@@ -80,7 +80,7 @@ def open_rgb(data: bytes) -> tuple[Image.Image, bool]:
         raise BadSample("image_too_large", str(e)) from None
     except UnidentifiedImageError:
         raise BadSample("unreadable_image", f"not an image file PIL can read ({len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated/corrupt data as OSError (some as SyntaxError)
+    except (OSError, SyntaxError, ValueError) as e:  # how PIL reports truncated or corrupt data
         reason = "truncated_image" if any(k in str(e).lower() for k in TRUNCATED) else "unreadable_image"
         raise BadSample(reason, str(e)) from None
     changed = im.mode != "RGB" or im.getexif().get(EXIF_ORIENTATION, 1) != 1 or im.format not in KEEP_FORMATS

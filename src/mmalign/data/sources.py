@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..config import HFSourceConfig, PrepareConfig, SplitNames
-from ..hub import datasets_offline_if_unreachable, offline_flag
+from ..hub import datasets_offline_if_unreachable, hub_unreachable, offline_flag
 from .imagefolder import read_imagefolder
 
 log = logging.getLogger(__name__)
@@ -23,29 +23,43 @@ log = logging.getLogger(__name__)
 ROLES = ("train", "val", "test")
 
 
+def _load_hub(hf: HFSourceConfig) -> Any:
+    import datasets
+
+    try:
+        with datasets_offline_if_unreachable():
+            return datasets.load_dataset(hf.path, hf.name, revision=hf.revision)
+    except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
+        reason = ("HF_HUB_OFFLINE is set" if offline_flag() else "the hub is unreachable" if hub_unreachable()
+                  else str(e).splitlines()[0])
+        raise ValueError(
+            f"cannot load dataset '{hf.path}': not a local path, and not on the hub or in the local datasets cache "
+            f"({reason}). Fix: load it once where the hub is reachable, point HF_HOME at a cache that has it, or "
+            "set prepare.hf.path to a save_to_disk directory or parquet files") from None
+
+
+def _load_local(path: Path, name: str | None) -> Any:
+    import datasets
+
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path))
+        if path.is_dir():
+            return datasets.load_dataset(str(path), name)  # parquet (or csv/json) files; splits from file names
+        raise ValueError("a file must be .parquet; or give a directory or a hub id")
+    except ValueError as e:  # e.g. 'Instruction "validation" corresponds to no data!' for an empty split file
+        holds = ", ".join(sorted(p.name for p in path.iterdir())[:10]) if path.is_dir() else path.name
+        raise ValueError(f"cannot load dataset {path} (prepare.hf.path): {e}; it holds: {holds}") from None
+
+
 def load_hf(hf: HFSourceConfig) -> dict[str, Any]:
-    """{split name: Dataset} from a save_to_disk dir, a parquet file, a local data dir or a hub id."""
+    """{split name: Dataset} from a save_to_disk dir, a parquet file or directory, or a hub id (a local path wins)."""
     import datasets
 
     path = Path(hf.path).expanduser()
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        ds = datasets.load_from_disk(str(path))
-    elif path.is_file():
-        if path.suffix != ".parquet":
-            raise ValueError(f"prepare.hf.path={hf.path!r}: a file must be .parquet (or give a directory or a hub id)")
-        ds = datasets.load_dataset("parquet", data_files=str(path))
-    elif path.is_dir():
-        ds = datasets.load_dataset(str(path), hf.name)
-    else:
-        try:
-            with datasets_offline_if_unreachable():
-                ds = datasets.load_dataset(hf.path, hf.name, revision=hf.revision)
-        except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
-            reason = "HF_HUB_OFFLINE is set" if offline_flag() else str(e).splitlines()[0]
-            raise ValueError(
-                f"cannot load dataset '{hf.path}': not a local path, and not on the hub or in the local datasets cache "
-                f"({reason}). Fix: load it once where the hub is reachable, point HF_HOME at a cache that has it, or "
-                "set prepare.hf.path to a save_to_disk directory or parquet files") from None
+    ds = _load_local(path, hf.name) if path.exists() else _load_hub(hf)
     return dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
 
 
@@ -78,7 +92,9 @@ def group_by_id(ds: Any, ids: list[str], image_column: str, caption_column: str)
     for i, (key, value) in enumerate(zip(ids, ds[caption_column])):
         first.setdefault(key, i)
         captions.setdefault(key, []).extend(value if isinstance(value, list) else [value])
-    out = ds.select(list(first.values())).select_columns([image_column])
+    if len(first) < len(ds):  # select() adds an index mapping that add_column() would copy out: only when grouping
+        ds = ds.select(list(first.values()))
+    out = ds.select_columns([image_column])
     if image_column != "image":
         out = out.rename_column(image_column, "image")
     if isinstance(out.features["image"], datasets.Image):
@@ -122,8 +138,9 @@ def pick_splits(found: dict[str, Any], names: SplitNames, ratios: list[float], s
                  where, name, len(ds), ratios)
         return ratio_split(ds, ratios, seed)
     missing = ", ".join(f"prepare.splits.{r}={n!r}" for r, n in wanted.items() if n not in found)
-    raise ValueError(f"{where} has splits {split_sizes(found)}; not found: {missing}. Fix: map prepare.splits.train/val/"
-                     "test to existing splits (or prepare.hf.split_column values), or use a source with one split")
+    raise ValueError(f"{where} has splits {split_sizes(found)}; not found: {missing}. Fix: map prepare.splits."
+                     "train/val/test to existing splits (or prepare.hf.split_column values), or use a source with "
+                     "one split")
 
 
 def split_sizes(splits: dict[str, Any]) -> str:
@@ -147,8 +164,6 @@ def load_source(cfg: PrepareConfig) -> tuple[dict[str, Any], str]:
         hf = cfg.hf
         where = f"dataset {hf.path}" + (f" ({hf.name})" if hf.name else "")
         found = load_hf(hf)
-        if not found or not any(len(ds) for ds in found.values()):
-            raise ValueError(f"{where} is empty (splits: {split_sizes(found) or 'none'})")
         if hf.split_column:
             _check_columns(next(iter(found.values())), hf, where)
             found = by_column(found, hf.split_column)
