@@ -26,6 +26,7 @@ CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 @pytest.fixture
 def pipeline_dir(tmp_path, tiny_params_file, mlflow_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MMALIGN_TEST_SECRET", "s3cr3t-value")  # must never reach MLflow
     for name, stage in (("prepare", prepare), ("align", align), ("project", project), ("evaluate", evaluate)):
         stage.main(["--params", str(tiny_params_file), *ARGS[name]], standalone_mode=False)
     return tmp_path
@@ -64,6 +65,10 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
             "figures/retrieval_examples.png", "figures/project_loss.png"} <= figures
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
+    for run in runs:  # nothing from the environment is logged
+        assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+    # Weights are safetensors only: nothing that would be unpickled on load.
+    assert not [p for p in d.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
 
 
 def test_bad_param_fails_before_any_work(tmp_path, tiny_params_file, mlflow_uri, monkeypatch):

@@ -116,7 +116,7 @@ class FrozenVisionEncoder(nn.Module):
                 raise ModelLoadError(f"models.vision '{name}' is a '{model_type}' model; supported: CLIP and SigLIP "
                                      "vision towers (model_type " + ", ".join(VISION_TOWERS) + ")")
             cls = SiglipVisionModel if model_type.startswith("siglip") else CLIPVisionModel
-            self.model = freeze(cls.from_pretrained(name, **kw))
+            self.model = freeze(cls.from_pretrained(name, use_safetensors=True, **kw))  # never unpickle weights
             self.processor = AutoImageProcessor.from_pretrained(name, **kw)
         except LOAD_ERRORS as e:
             raise model_load_error(name, "vision encoder", e) from None
@@ -158,7 +158,8 @@ class FrozenTextEncoder(nn.Module):
         path = resolve_text_model(name)
         try:
             self.model = freeze(SentenceTransformer(path, device="cpu", trust_remote_code=trust_remote_code,
-                                                    local_files_only=local_files_only(path)))
+                                                    local_files_only=local_files_only(path),
+                                                    model_kwargs={"use_safetensors": True}))
         except LOAD_ERRORS as e:
             raise model_load_error(name, "text encoder", e) from None
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension

@@ -48,7 +48,8 @@ def load_llm(cfg: LLMConfig) -> tuple[Any, Any]:
     kw = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local_files_only(cfg.model_name)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, **kw)
-        llm = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=DTYPES[cfg.dtype], **kw)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=DTYPES[cfg.dtype], use_safetensors=True,
+                                                   **kw)  # never unpickle weights
     except LOAD_ERRORS as e:
         raise model_load_error(cfg.model_name, "LLM", e) from None
     if tokenizer.pad_token_id is None:  # e.g. Llama-style tokenizers; pads are masked out anyway
@@ -149,8 +150,9 @@ class MultimodalLLM(nn.Module):
     # -- image -> prefix -----------------------------------------------------------------------
     def prefix_from_features(self, vision_features: torch.Tensor) -> torch.Tensor:
         """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H)."""
+        device = next(self.projector.parameters()).device
         with torch.no_grad():
-            z = self.aligner.vision_adapter(vision_features)  # (B, d_align)
+            z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
         return self.projector(z)
 
     def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:

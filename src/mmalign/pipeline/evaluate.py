@@ -17,7 +17,7 @@ from ..config import EvaluateConfig
 from ..features import load_features
 from ..llm import MultimodalLLM
 from ..metrics import caption_metrics, chance_retrieval, distinct_share, retrieval_metrics
-from ..utils import atomic_path, progress, write_json
+from ..utils import atomic_path, get_device, progress, write_json
 from .align import embed
 from .common import write_csv
 
@@ -99,7 +99,7 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
         raise ValueError("evaluate.captioning is true but no projector checkpoint/dataset was given: "
                          "pass --projector and --dataset, or set evaluate.captioning: false")
     torch.manual_seed(0)
-    model = VisionTextAligner.from_pretrained(aligner_dir).eval()
+    model = VisionTextAligner.from_pretrained(aligner_dir).to(get_device()).eval()
     ret, embeddings = retrieval(model, features_dir)
     metrics: dict[str, Any] = {"retrieval": ret}
     log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R@1"],
@@ -118,7 +118,7 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
         test_split = datasets.load_from_disk(str(dataset_dir))["test"]
         tracker.log_figure(retrieval_figure(*embeddings, test_split), "figures/retrieval_examples.png")
     if cfg.captioning and projector_dir is not None:
-        mm = MultimodalLLM.from_pretrained(projector_dir, model)
+        mm = MultimodalLLM.from_pretrained(projector_dir, model).to(get_device())
         metrics["captioning"] = captioning(cfg, mm, features_dir, test_split, out_dir, tracker)
         log.info("test captioning: CIDEr %.3f (blind %.3f), distinct %.2f", metrics["captioning"]["trained"]["CIDEr"],
                  metrics["captioning"]["blind"]["CIDEr"], metrics["captioning"]["trained"]["distinct"])

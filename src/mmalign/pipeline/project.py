@@ -15,7 +15,7 @@ from ..features import load_features
 from ..llm import MultimodalLLM
 from ..train import mean_caption_loss, train_projector
 from ..features import sha256
-from ..utils import read_json, set_seed
+from ..utils import get_device, read_json, set_seed
 from .common import state_options, write_history
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
     import datasets
 
     set_seed(cfg.seed)
-    model = MultimodalLLM(VisionTextAligner.from_pretrained(aligner_dir), llm_cfg)
+    model = MultimodalLLM(VisionTextAligner.from_pretrained(aligner_dir), llm_cfg).to(get_device())
     ds = datasets.load_from_disk(str(dataset_dir))
     loaders = {}
     for split in ("train", "val"):

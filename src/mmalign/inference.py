@@ -1,0 +1,206 @@
+"""A trained checkpoint outside the pipeline: load it, read images, embed at a Matryoshka dim, rank, caption.
+
+The `mmalign` command (cli.py) and the MLflow pyfunc (tracking.py) are thin layers over these functions.
+Every problem a user can fix (a missing checkpoint, an unreadable image, a bad dim) is an `InputError`
+whose message names the file or value and what to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .aligner import VisionTextAligner
+from .data.images import BadSample, open_rgb
+from .encoders import ModelLoadError
+from .llm import MultimodalLLM
+from .utils import get_device, progress, read_json
+
+# Extensions PIL can open (.png, .jpg, .webp, ...), for listing a directory.
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+class InputError(ValueError):
+    """A problem with what the user gave (paths, checkpoints, values); the message says what to fix."""
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, directories expanded to the image files under them (sorted, hidden files skipped)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise InputError(f"no images in directory {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise InputError(f"image {p} does not exist")
+    if not out:
+        raise InputError("no images given")
+    return out
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file -> upright RGB (the same decoding `prepare` applies to training images)."""
+    try:
+        return open_rgb(Path(path).read_bytes())[0]
+    except BadSample as e:
+        raise InputError(f"cannot read image {path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
+
+
+def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
+    """Encoded image bytes, or the same as a base64 string -> upright RGB."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise InputError(f"{name}: not valid base64 ({e})") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise InputError(f"{name}: expected image bytes or a base64 string, got {type(value).__name__}")
+    try:
+        return open_rgb(bytes(value))[0]
+    except BadSample as e:
+        raise InputError(f"{name}: {e}") from None
+
+
+def read_texts(values: Iterable[str]) -> list[str]:
+    """Each value is a text file (one text per non-empty line) when such a file exists, else a text itself."""
+    texts: list[str] = []
+    for v in values:
+        p = Path(v)
+        if p.is_file():
+            lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+            texts += [line for line in lines if line]
+        elif p.suffix.lower() in (".txt", ".csv", ".tsv") and " " not in v:
+            raise InputError(f"text file {v} does not exist")
+        elif v.strip():
+            texts.append(v)
+    if not texts:
+        raise InputError("no texts given (empty strings and empty files do not count)")
+    return texts
+
+
+def batched(items: Sequence, batch_size: int, desc: str, unit: str = "item") -> Iterable[Sequence]:
+    """Slices of `items` with a progress bar counted in items."""
+    with progress(total=len(items), desc=desc, unit=unit) as bar:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            yield chunk
+            bar.update(len(chunk))
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def _check_checkpoint(directory: str | Path, what: str, option: str) -> Path:
+    d = Path(directory)
+    if not (d / "model.safetensors").is_file() or not (d / "config.json").is_file():
+        reason = "does not exist" if not d.exists() else "has no model.safetensors + config.json"
+        raise InputError(f"{what} checkpoint {d} {reason}: train it (`dvc repro`) or pass {option}")
+    return d
+
+
+def _model_error(e: ModelLoadError, checkpoint: Path, key: str, name: str) -> InputError:
+    # Checkpoints name their models as `prepare` wrote them: paths relative to the repo root.
+    return InputError(f"cannot load the {key} '{name}' that {checkpoint}/config.json names, from {os.getcwd()}: "
+                      f"run mmalign from the repo root the checkpoint was trained in ({e})")
+
+
+def resolve_device(device: str = "auto") -> str:
+    return get_device() if device == "auto" else device
+
+
+def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vision: str | None = None,
+                 device: str = "cpu") -> VisionTextAligner:
+    """A Phase 1 checkpoint in eval mode, with the frozen encoders named in `need` loaded now (so a missing
+    encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with."""
+    d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
+    overrides = {"device": device, **({"vision_model_name": str(vision)} if vision else {})}
+    try:
+        model = VisionTextAligner.from_pretrained(d, **overrides).eval()
+        for tower in need:
+            getattr(model, f"{tower}_encoder")
+    except ModelLoadError as e:
+        raise _model_error(e, d, "vision encoder", vision or read_json(d / "config.json")["vision_model_name"]) from None
+    except ValueError as e:  # a config.json that no longer matches the code, or a corrupt checkpoint
+        raise InputError(str(e)) from None
+    return model
+
+
+def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str | None = None,
+                   vision: str | None = None, device: str = "cpu") -> MultimodalLLM:
+    """Aligner + projector checkpoints -> MultimodalLLM in eval mode. The projector's config.json names the
+    LLM (`model_name`); `llm`/`vision` override the model paths the checkpoints were trained with."""
+    aligner = load_aligner(aligner_dir, ("vision",), vision, device)
+    d = _check_checkpoint(projector_dir, "projector", "--projector")
+    try:
+        mm = MultimodalLLM.from_pretrained(d, aligner, **({"model_name": str(llm)} if llm else {}))
+    except ModelLoadError as e:
+        raise _model_error(e, d, "LLM", llm or read_json(d / "config.json")["model_name"]) from None
+    return mm.to(device).eval()
+
+
+# -- embeddings --------------------------------------------------------------------------------------
+def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
+    """The embedding size to use: `dim`, or the full d_align when None."""
+    cfg = aligner.cfg
+    if dim is None:
+        return cfg.d_align
+    if not 1 <= dim <= cfg.d_align:
+        raise InputError(f"--dim {dim} is out of range: this aligner has d_align={cfg.d_align}; "
+                         f"trained Matryoshka dims: {', '.join(map(str, cfg.mrl_dims))}")
+    return dim
+
+
+def truncate(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Matryoshka prefix: (N, d_align) -> (N, dim), re-normalised (as the MRL loss and evaluate use it)."""
+    return F.normalize(z[:, :dim], dim=-1)
+
+
+@torch.inference_mode()
+def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: int | None = None,
+                 batch_size: int = 64) -> torch.Tensor:
+    """Image files -> unit-norm embeddings (N, dim), in the order given."""
+    dim = check_dim(aligner, dim)
+    out = [aligner.encode_images([load_image(p) for p in chunk]).cpu()
+           for chunk in batched(paths, batch_size, "embedding images", "image")]
+    return truncate(torch.cat(out), dim)
+
+
+@torch.inference_mode()
+def embed_texts(aligner: VisionTextAligner, texts: Sequence[str], dim: int | None = None,
+                batch_size: int = 256) -> torch.Tensor:
+    """Texts -> unit-norm embeddings (N, dim)."""
+    dim = check_dim(aligner, dim)
+    out = [aligner.encode_texts(list(chunk)).cpu() for chunk in batched(texts, batch_size, "embedding texts", "text")]
+    return truncate(torch.cat(out), dim)
+
+
+def rank(query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> tuple[list[int], list[float]]:
+    """query (d,), candidates (N, d), both unit-norm -> indices and cosine scores of the top_k, best first."""
+    scores = candidates @ query  # (N,)
+    top = torch.topk(scores, min(top_k, scores.shape[0]))
+    return top.indices.tolist(), top.values.tolist()
+
+
+# -- captions ----------------------------------------------------------------------------------------
+def caption_files(mm: MultimodalLLM, paths: Sequence[str | Path], prompt: str | None = None,
+                  max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with."""
+    prompt = mm.cfg.prompt if prompt is None else prompt
+    captions: list[str] = []
+    for chunk in batched(paths, batch_size, "captioning", "image"):
+        captions += mm.generate([load_image(p) for p in chunk], prompt=prompt, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+    return captions
