@@ -87,3 +87,28 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A working dir holding a tiny trained pipeline (prepare, align, project on TINY_PARAMS): data/,
+    models/builtin, models/aligner, models/projector. Checkpoints name their models by paths relative to
+    it, so tests chdir into it before loading them."""
+    from stages import align, prepare, project
+
+    work = tmp_path_factory.mktemp("checkpoint")
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)))
+    args = {
+        prepare: ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
+                  "--report", "data/prepare_report.json"],
+        align: ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
+        project: ["--models", "models/builtin", "--aligner", "models/aligner", "--features", "data/features",
+                  "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        for stage, argv in args.items():
+            stage.main(["--params", str(params), *argv], standalone_mode=False)
+    return work

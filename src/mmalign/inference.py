@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ from .data.images import BadSample, open_rgb
 from .encoders import ModelLoadError
 from .llm import MultimodalLLM
 from .utils import get_device, progress, read_json
+
+log = logging.getLogger(__name__)
 
 # Extensions PIL can open (.png, .jpg, .webp, ...), for listing a directory.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -93,13 +97,16 @@ def read_texts(values: Iterable[str]) -> list[str]:
     return texts
 
 
-def batched(items: Sequence, batch_size: int, desc: str, unit: str = "item") -> Iterable[Sequence]:
-    """Slices of `items` with a progress bar counted in items."""
+@contextlib.contextmanager
+def batched(items: Sequence, batch_size: int, desc: str, unit: str = "item") -> Iterator[Iterator[Sequence]]:
+    """Slices of `items` with a progress bar counted in items. A context manager, so the bar is closed
+    before an error inside the loop is reported (its message then starts on a line of its own)."""
     with progress(total=len(items), desc=desc, unit=unit) as bar:
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            yield chunk
-            bar.update(len(chunk))
+        def chunks() -> Iterator[Sequence]:
+            for i in range(0, len(items), batch_size):
+                yield items[i:i + batch_size]
+                bar.update(min(batch_size, len(items) - i))
+        yield chunks()
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -112,9 +119,12 @@ def _check_checkpoint(directory: str | Path, what: str, option: str) -> Path:
 
 
 def _model_error(e: ModelLoadError, checkpoint: Path, key: str, name: str) -> InputError:
+    where = f"the {key} '{name}' named in {checkpoint}/config.json"
+    if Path(name).expanduser().exists():
+        return InputError(f"{where} does not load: {e}")
     # Checkpoints name their models as `prepare` wrote them: paths relative to the repo root.
-    return InputError(f"cannot load the {key} '{name}' that {checkpoint}/config.json names, from {os.getcwd()}: "
-                      f"run mmalign from the repo root the checkpoint was trained in ({e})")
+    return InputError(f"{where} is not a directory under {os.getcwd()} ({str(e).split('. Fix:')[0]}): "
+                      "run mmalign from the repo root the checkpoint was trained in")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -122,13 +132,15 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vision: str | None = None,
-                 device: str = "cpu") -> VisionTextAligner:
+                 device: str = "cpu", dim: int | None = None) -> VisionTextAligner:
     """A Phase 1 checkpoint in eval mode, with the frozen encoders named in `need` loaded now (so a missing
-    encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with."""
+    encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with;
+    `dim`, if given, is checked against the checkpoint before any encoder loads."""
     d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
     overrides = {"device": device, **({"vision_model_name": str(vision)} if vision else {})}
     try:
         model = VisionTextAligner.from_pretrained(d, **overrides).eval()
+        check_dim(model, dim, warn=False)
         for tower in need:
             getattr(model, f"{tower}_encoder")
     except ModelLoadError as e:
@@ -152,7 +164,7 @@ def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str 
 
 
 # -- embeddings --------------------------------------------------------------------------------------
-def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
+def check_dim(aligner: VisionTextAligner, dim: int | None, warn: bool = True) -> int:
     """The embedding size to use: `dim`, or the full d_align when None."""
     cfg = aligner.cfg
     if dim is None:
@@ -160,6 +172,9 @@ def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
     if not 1 <= dim <= cfg.d_align:
         raise InputError(f"--dim {dim} is out of range: this aligner has d_align={cfg.d_align}; "
                          f"trained Matryoshka dims: {', '.join(map(str, cfg.mrl_dims))}")
+    if warn and dim not in cfg.mrl_dims and dim != cfg.d_align:
+        log.warning("dim %d is not one of the trained Matryoshka dims (%s): the loss never saw this prefix size",
+                    dim, ", ".join(map(str, cfg.mrl_dims)))
     return dim
 
 
@@ -173,8 +188,8 @@ def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: i
                  batch_size: int = 64) -> torch.Tensor:
     """Image files -> unit-norm embeddings (N, dim), in the order given."""
     dim = check_dim(aligner, dim)
-    out = [aligner.encode_images([load_image(p) for p in chunk]).cpu()
-           for chunk in batched(paths, batch_size, "embedding images", "image")]
+    with batched(paths, batch_size, "embedding images", "image") as chunks:
+        out = [aligner.encode_images([load_image(p) for p in chunk]).cpu() for chunk in chunks]
     return truncate(torch.cat(out), dim)
 
 
@@ -183,7 +198,8 @@ def embed_texts(aligner: VisionTextAligner, texts: Sequence[str], dim: int | Non
                 batch_size: int = 256) -> torch.Tensor:
     """Texts -> unit-norm embeddings (N, dim)."""
     dim = check_dim(aligner, dim)
-    out = [aligner.encode_texts(list(chunk)).cpu() for chunk in batched(texts, batch_size, "embedding texts", "text")]
+    with batched(texts, batch_size, "embedding texts", "text") as chunks:
+        out = [aligner.encode_texts(list(chunk)).cpu() for chunk in chunks]
     return truncate(torch.cat(out), dim)
 
 
@@ -200,7 +216,8 @@ def caption_files(mm: MultimodalLLM, paths: Sequence[str | Path], prompt: str | 
     """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with."""
     prompt = mm.cfg.prompt if prompt is None else prompt
     captions: list[str] = []
-    for chunk in batched(paths, batch_size, "captioning", "image"):
-        captions += mm.generate([load_image(p) for p in chunk], prompt=prompt, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
+    with batched(paths, batch_size, "captioning", "image") as chunks:
+        for chunk in chunks:
+            captions += mm.generate([load_image(p) for p in chunk], prompt=prompt, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size)
     return captions

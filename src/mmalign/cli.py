@@ -1,0 +1,200 @@
+"""`mmalign`: caption, embed and search with a trained checkpoint, outside the DVC pipeline.
+
+The console command of pyproject.toml, so it lives in the package; it is the one library module that
+imports click (as tracking.py is for mlflow) and holds no ML logic: the work is in inference.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import click
+
+DEVICES = ("cpu", "cuda", "mps", "auto")
+TABLE_SUFFIXES = (".csv", ".jsonl")
+EMBED_SUFFIXES = (".npy", ".parquet")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A problem the user can fix ends the command with its one-line message, not a traceback."""
+    from .inference import InputError
+
+    try:
+        yield
+    except InputError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def check_suffix(output: Path | None, allowed: Sequence[str]) -> None:
+    """Fail before any model loads when the output format is unknown."""
+    if output is not None and output.suffix.lower() not in allowed:
+        raise click.BadParameter(f"{output}: the file name must end in {' or '.join(allowed)}",
+                                 param_hint="'--output'")
+
+
+def write_table(rows: list[dict], output: Path) -> None:
+    """rows -> .csv or .jsonl, atomically."""
+    import pandas as pd
+
+    from .utils import atomic_path
+
+    with atomic_path(output) as tmp:
+        if output.suffix.lower() == ".csv":
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+        else:
+            tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def report(message: str) -> None:
+    click.echo(message, err=True)  # stdout carries results only, so it can be piped
+
+
+aligner_option = click.option("--aligner", default="models/aligner", show_default=True,
+                              type=click.Path(path_type=Path, file_okay=False), help="Phase 1 checkpoint directory.")
+device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                             help="Where the models run (auto: cuda, then mps, then cpu).")
+dim_option = click.option("--dim", type=click.IntRange(min=1), default=None,
+                          help="Matryoshka embedding size: a prefix of the aligned embedding, re-normalised. "
+                               "The trained sizes are the checkpoint's mrl_dims; default: the full d_align.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mmalign")
+def mmalign() -> None:
+    """Use a trained mmalign checkpoint: caption images, embed images or texts, search images by text.
+
+    Checkpoints name their frozen models by the paths `dvc repro` wrote (relative to the repo root),
+    so run these commands from the repo root.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model; the bars of the work itself stay
+    level = os.environ.get("MMALIGN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@mmalign.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@aligner_option
+@click.option("--projector", default="models/projector", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False), help="Phase 2 checkpoint directory.")
+@click.option("--prompt", default=None, help="Prompt for the LLM. Default: the one the projector was trained with.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="captions.csv or captions.jsonl (columns image, caption). Default: stdout, "
+                   "one 'IMAGE<TAB>CAPTION' line per image.")
+@device_option
+def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: str | None, max_new_tokens: int,
+            batch_size: int, output: Path | None, device: str) -> None:
+    """Caption IMAGES (files or directories of images) with a trained aligner + projector + LLM.
+
+    Greedy decoding: the same images always get the same captions.
+    """
+    check_suffix(output, TABLE_SUFFIXES)
+    from .inference import caption_files, list_images, load_captioner, resolve_device
+
+    with user_errors():
+        paths = list_images(images)
+        model = load_captioner(aligner, projector, device=resolve_device(device))
+        captions = caption_files(model, paths, prompt, max_new_tokens, batch_size)
+    if output is None:
+        for path, text in zip(paths, captions):
+            click.echo(f"{path}\t{text}")
+        return
+    write_table([{"image": str(p), "caption": c} for p, c in zip(paths, captions)], output)
+    report(f"wrote {len(captions)} captions to {output}")
+
+
+@mmalign.command()
+@click.argument("more", nargs=-1, metavar="[MORE]...")
+@click.option("--images", multiple=True, type=click.Path(path_type=Path),
+              help="An image file or a directory of images (repeatable).")
+@click.option("--texts", multiple=True,
+              help="A text, or a file with one text per line (repeatable).")
+@dim_option
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="out.npy (float32 array, one row per input, in input order) or out.parquet "
+                   "(columns image or text, and embedding).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@aligner_option
+@device_option
+def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...], dim: int | None, output: Path,
+          batch_size: int, aligner: Path, device: str) -> None:
+    """Embed images or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
+
+    Give either --images or --texts; further arguments (MORE) add to that list, so a shell glob works:
+    `mmalign embed --images photos/*.jpg -o photos.npy`. Directories are searched recursively, files
+    come in sorted order.
+    """
+    if bool(images) == bool(texts):
+        raise click.UsageError("give either --images or --texts (one of them, not both)")
+    check_suffix(output, EMBED_SUFFIXES)
+    import numpy as np
+
+    from .inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
+    from .utils import atomic_path
+
+    kind = "image" if images else "text"
+    with user_errors():
+        items: list = list_images([*images, *more]) if images else read_texts([*texts, *more])
+        model = load_aligner(aligner, ("vision" if images else "text",), device=resolve_device(device), dim=dim)
+        fn = embed_images if images else embed_texts
+        z = fn(model, items, dim, batch_size).numpy().astype(np.float32)  # (N, dim)
+    with atomic_path(output) as tmp:
+        if output.suffix.lower() == ".npy":
+            with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
+                np.save(f, z)
+        else:
+            import pandas as pd
+
+            pd.DataFrame({kind: [str(i) for i in items], "embedding": list(z)}).to_parquet(tmp, index=False)
+    report(f"wrote {z.shape[0]} {kind} embeddings of size {z.shape[1]} to {output}")
+
+
+@mmalign.command()
+@click.argument("query")
+@click.option("--images", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A directory of images, or an image file (repeatable).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@dim_option
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="results.csv or results.jsonl (columns rank, score, image). Default: stdout, "
+                   "one 'SCORE<TAB>IMAGE' line per result, best first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@aligner_option
+@device_option
+def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, output: Path | None,
+           batch_size: int, aligner: Path, device: str) -> None:
+    """Rank the images under --images by how well they match the text QUERY (cosine similarity)."""
+    check_suffix(output, TABLE_SUFFIXES)
+    from .inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
+
+    with user_errors():
+        paths = list_images(images)
+        model = load_aligner(aligner, ("vision", "text"), device=resolve_device(device), dim=dim)
+        z_images = embed_images(model, paths, dim, batch_size)  # (N, dim)
+        z_query = embed_texts(model, [query], dim)[0]  # (dim,)
+    indices, scores = rank(z_query, z_images, top_k)
+    rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])} for r, (i, s) in enumerate(zip(indices, scores))]
+    if output is None:
+        for row in rows:
+            click.echo(f"{row['score']:.4f}\t{row['image']}")
+        return
+    write_table(rows, output)
+    report(f"wrote the top {len(rows)} of {len(paths)} images to {output}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point of `mmalign` (pyproject.toml [project.scripts])."""
+    mmalign.main(args=list(argv) if argv is not None else None, prog_name="mmalign")
+
+
+if __name__ == "__main__":
+    main()

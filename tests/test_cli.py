@@ -1,0 +1,167 @@
+"""The `mmalign` console command on a tiny trained checkpoint: caption, embed, search, and their errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mmalign import MultimodalLLM, VisionTextAligner
+from mmalign.cli import mmalign
+
+N_IMAGES = 5
+
+
+@pytest.fixture(scope="module")
+def image_dir(tiny_checkpoint) -> Path:
+    """Test-split images of the tiny dataset as PNG files (plus a non-image file the listing must skip)."""
+    import datasets
+
+    d = tiny_checkpoint / "images"
+    if not d.exists():
+        d.mkdir()
+        test = datasets.load_from_disk(str(tiny_checkpoint / "data/dataset"))["test"]
+        for i in range(N_IMAGES):
+            test[i]["image"].save(d / f"img{i}.png")
+        (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture
+def run(tiny_checkpoint, monkeypatch):
+    """Invoke `mmalign ARGS...` from the checkpoint's working dir; returns click's Result."""
+    monkeypatch.chdir(tiny_checkpoint)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(mmalign, [str(a) for a in args], catch_exceptions=False)
+
+
+def pil_images(paths):
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+@pytest.mark.parametrize("command, expected", [
+    ([], ["caption", "embed", "search"]),
+    (["caption"], ["--aligner", "--projector", "--prompt", "--max-new-tokens", "--batch-size", "--output"]),
+    (["embed"], ["--images", "--texts", "--dim", "--output"]),
+    (["search"], ["QUERY", "--images", "--top-k", "--dim"]),
+])
+def test_help(run, command, expected):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert all(word in result.output for word in expected)
+
+
+def test_caption_csv_equals_generate(run, image_dir, tiny_checkpoint):
+    result = run("caption", image_dir, "--max-new-tokens", 8, "--batch-size", 2, "-o", "out/captions.csv")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tiny_checkpoint / "out/captions.csv", keep_default_na=False)
+    paths = sorted(image_dir.glob("*.png"))
+    assert list(rows["image"]) == [str(p) for p in paths]  # notes.txt is not an image
+
+    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    expected = mm.generate(pil_images(paths), prompt=mm.cfg.prompt, max_new_tokens=8)
+    assert list(rows["caption"]) == expected and all(expected)
+
+    # jsonl and stdout: the same captions
+    result = run("caption", *paths[:2], "--max-new-tokens", 8, "-o", "out/captions.jsonl")
+    lines = [json.loads(x) for x in (tiny_checkpoint / "out/captions.jsonl").read_text().splitlines()]
+    assert lines == [{"image": str(p), "caption": c} for p, c in zip(paths[:2], expected)]
+    result = run("caption", paths[0], "--max-new-tokens", 8)
+    assert result.stdout == f"{paths[0]}\t{expected[0]}\n"
+
+
+def test_caption_prompt_is_passed_to_the_llm(run, image_dir):
+    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    path = sorted(image_dir.glob("*.png"))[0]
+    result = run("caption", path, "--prompt", "What is here?", "--max-new-tokens", 6)
+    assert result.stdout.split("\t", 1)[1] == mm.generate(pil_images([path]), "What is here?", max_new_tokens=6)[0] + "\n"
+
+
+def test_embed_images_npy_at_a_matryoshka_dim(run, image_dir, tiny_checkpoint):
+    result = run("embed", "--images", image_dir, "--dim", 16, "-o", "out/img16.npy")
+    assert result.exit_code == 0, result.output
+    z16 = np.load(tiny_checkpoint / "out/img16.npy")
+    assert z16.shape == (N_IMAGES, 16) and z16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z16, axis=1), 1.0, atol=1e-5)
+
+    # the full embedding is the aligner's; the dim-16 one is its re-normalised prefix
+    paths = sorted(image_dir.glob("*.png"))
+    run("embed", "--images", paths[0], *paths[1:], "-o", "out/img.npy")  # files given one by one: same order
+    z = np.load(tiny_checkpoint / "out/img.npy")
+    aligner = VisionTextAligner.from_pretrained("models/aligner").eval()
+    with torch.no_grad():
+        expected = aligner.encode_images(pil_images(paths)).numpy()
+    np.testing.assert_allclose(z, expected, atol=1e-5)
+    np.testing.assert_allclose(z16, z[:, :16] / np.linalg.norm(z[:, :16], axis=1, keepdims=True), atol=1e-5)
+
+
+def test_embed_texts_parquet(run, tiny_checkpoint):
+    (tiny_checkpoint / "queries.txt").write_text("a red circle\n\na blue square on the left\n")
+    result = run("embed", "--texts", "a small green triangle", "--texts", "queries.txt", "--dim", 8,
+                 "-o", "out/texts.parquet")
+    assert result.exit_code == 0, result.output
+    df = pd.read_parquet(tiny_checkpoint / "out/texts.parquet")
+    assert list(df["text"]) == ["a small green triangle", "a red circle", "a blue square on the left"]
+    z = np.stack(df["embedding"])
+    assert z.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+
+
+def test_search_ranks_images_by_score(run, image_dir, tiny_checkpoint):
+    query = "a large red circle in the top left"
+    result = run("search", query, "--images", image_dir, "--top-k", 3, "--dim", 16)
+    assert result.exit_code == 0, result.output
+    hits = [line.split("\t") for line in result.stdout.splitlines()]
+    scores, paths = [float(s) for s, _ in hits], [p for _, p in hits]
+    assert len(hits) == 3 and scores == sorted(scores, reverse=True)
+
+    # the same ranking as cosine similarity of the embed command's outputs
+    run("embed", "--images", image_dir, "--dim", 16, "-o", "out/s.npy")
+    run("embed", "--texts", query, "--dim", 16, "-o", "out/q.npy")
+    sims = np.load(tiny_checkpoint / "out/s.npy") @ np.load(tiny_checkpoint / "out/q.npy")[0]
+    order = np.argsort(-sims)[:3]
+    all_paths = sorted(image_dir.glob("*.png"))
+    assert paths == [str(all_paths[i]) for i in order]
+    np.testing.assert_allclose(scores, sims[order], atol=1e-3)
+
+    result = run("search", query, "--images", image_dir, "--top-k", 50, "-o", "out/hits.csv")  # k > N: all
+    assert len(pd.read_csv(tiny_checkpoint / "out/hits.csv")) == N_IMAGES
+
+
+@pytest.fixture
+def bad_inputs(tiny_checkpoint, image_dir) -> Path:
+    d = tiny_checkpoint / "bad"
+    if not d.exists():
+        (d / "empty").mkdir(parents=True)
+        (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        shutil.copytree(tiny_checkpoint / "models/projector", d / "projector")
+        cfg = json.loads((d / "projector/config.json").read_text())
+        (d / "projector/config.json").write_text(json.dumps({**cfg, "model_name": "models/builtin/no-such-llm"}))
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    (["caption", "images", "--aligner", "no/such/dir"], "aligner checkpoint no/such/dir does not exist"),
+    (["caption", "images", "--projector", "images"], "projector checkpoint images has no model.safetensors"),
+    (["caption", "bad/broken.png"], "cannot read image bad/broken.png"),
+    (["caption", "images/missing.png"], "image images/missing.png does not exist"),
+    (["caption", "images", "--projector", "bad/projector"], "the LLM 'models/builtin/no-such-llm' named in bad/projector/config.json is not a directory"),
+    (["caption", "images", "-o", "captions.txt"], "must end in .csv or .jsonl"),
+    (["search", "a red circle", "--images", "bad/empty"], "no images in directory bad/empty"),
+    (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 is out of range"),
+    (["embed", "--images", "images", "--texts", "red", "-o", "x.npy"], "give either --images or --texts"),
+    (["embed", "--texts", "missing.txt", "-o", "x.npy"], "text file missing.txt does not exist"),
+    (["embed", "--texts", "red", "-o", "x.csv"], "must end in .npy or .parquet"),
+])
+def test_errors_are_one_clear_line(run, bad_inputs, args, message):
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
