@@ -118,3 +118,22 @@ def test_validate_all_catches_an_error_in_any_section():
     params["evaluate"] = {**params["evaluate"], "num_beams": 0}
     with pytest.raises(ValueError, match=r"evaluate\.num_beams"):
         validate_all(params)
+
+
+# Incompatible combinations: each names the keys involved and the way out.
+def test_full_llm_finetuning_without_lora_is_refused():
+    with pytest.raises(ValueError, match=r"project\.freeze_llm=False.*project\.lora\.r > 0"):
+        load_project({"freeze_llm": False}, "m")
+
+
+def test_mrl_weights_must_match_mrl_dims():
+    with pytest.raises(ValueError, match=r"align\.mrl_weights=\[1\.0\].*need 2 non-negative weights"):
+        from_dict(AlignmentConfig, {"d_align": 16, "mrl_dims": [8, 16], "mrl_weights": [1.0]})
+
+
+def test_captioning_without_a_projector_is_refused(tmp_path):
+    from mmalign.config import EvaluateConfig
+    from mmalign.pipeline import evaluate
+
+    with pytest.raises(ValueError, match=r"evaluate\.captioning is true but no projector.*captioning: false"):
+        evaluate.run(EvaluateConfig(), tmp_path, tmp_path, tmp_path, tmp_path, tracker=None)
