@@ -81,7 +81,8 @@ def test_caption_prompt_is_passed_to_the_llm(run, image_dir):
     mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
     path = sorted(image_dir.glob("*.png"))[0]
     result = run("caption", path, "--prompt", "What is here?", "--max-new-tokens", 6)
-    assert result.stdout.split("\t", 1)[1] == mm.generate(pil_images([path]), "What is here?", max_new_tokens=6)[0] + "\n"
+    expected = mm.generate(pil_images([path]), "What is here?", max_new_tokens=6)[0]
+    assert result.stdout == f"{path}\t{expected}\n"
 
 
 def test_embed_images_npy_at_a_matryoshka_dim(run, image_dir, tiny_checkpoint):
@@ -152,7 +153,8 @@ def bad_inputs(tiny_checkpoint, image_dir) -> Path:
     (["caption", "images", "--projector", "images"], "projector checkpoint images has no model.safetensors"),
     (["caption", "bad/broken.png"], "cannot read image bad/broken.png"),
     (["caption", "images/missing.png"], "image images/missing.png does not exist"),
-    (["caption", "images", "--projector", "bad/projector"], "the LLM 'models/builtin/no-such-llm' named in bad/projector/config.json is not a directory"),
+    (["caption", "images", "--projector", "bad/projector"],
+     "the LLM 'models/builtin/no-such-llm' named in bad/projector/config.json is not a directory"),
     (["caption", "images", "-o", "captions.txt"], "must end in .csv or .jsonl"),
     (["search", "a red circle", "--images", "bad/empty"], "no images in directory bad/empty"),
     (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 is out of range"),

@@ -182,7 +182,8 @@ def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, ou
         z_images = embed_images(model, paths, dim, batch_size)  # (N, dim)
         z_query = embed_texts(model, [query], dim)[0]  # (dim,)
     indices, scores = rank(z_query, z_images, top_k)
-    rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])} for r, (i, s) in enumerate(zip(indices, scores))]
+    rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])}
+            for r, (i, s) in enumerate(zip(indices, scores))]
     if output is None:
         for row in rows:
             click.echo(f"{row['score']:.4f}\t{row['image']}")

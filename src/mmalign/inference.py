@@ -44,7 +44,7 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise InputError(f"no images in directory {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)")
+                raise InputError(f"no images in directory {p} (no .png, .jpg, .webp or other file PIL opens)")
             out += found
         elif p.is_file():
             out.append(p)
@@ -144,7 +144,8 @@ def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vis
         for tower in need:
             getattr(model, f"{tower}_encoder")
     except ModelLoadError as e:
-        raise _model_error(e, d, "vision encoder", vision or read_json(d / "config.json")["vision_model_name"]) from None
+        name = vision or read_json(d / "config.json")["vision_model_name"]
+        raise _model_error(e, d, "vision encoder", name) from None
     except ValueError as e:  # a config.json that no longer matches the code, or a corrupt checkpoint
         raise InputError(str(e)) from None
     return model
