@@ -8,7 +8,7 @@ import click
 
 from mmalign.params import evaluate_config, load_params, setup_logging, tracking_config, validate_all
 from mmalign.pipeline import evaluate
-from mmalign.tracking import stage_run
+from mmalign.tracking import log_captioner, stage_run
 
 
 @click.command()
@@ -29,6 +29,9 @@ def main(params_path: str, aligner: Path, features: Path, align_plots: Path, pro
     # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
         evaluate.run(cfg, aligner, features, align_plots, out, tracker, projector, dataset, project_plots)
+        if cfg.captioning and cfg.register_name and projector is not None:
+            log_captioner(tracker, aligner, projector, registered_name=cfg.register_name,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
             "figures/retrieval_examples.png", "figures/project_loss.png"} <= figures
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
+    assert client.get_registered_model("mmalign-captioner").latest_versions  # the served captioner
     for run in runs:  # nothing from the environment is logged
         assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
     # Weights are safetensors only: nothing that would be unpickled on load.

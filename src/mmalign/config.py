@@ -387,6 +387,7 @@ class EvaluateConfig:
     blind_prefix: str = "mean"  # mean | zero: what the blind captioner gets instead of an image
     gallery_size: int = 12
     captioning: bool = True  # False skips Phase 2 metrics (retrieval only)
+    register_name: str | None = "mmalign-captioner"  # register the captioner in MLflow under this name; null: don't
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -399,6 +400,8 @@ class EvaluateConfig:
             _fail("evaluate", "blind_prefix", self.blind_prefix, "allowed: mean, zero")
         if self.gallery_size < 0:
             _fail("evaluate", "gallery_size", self.gallery_size, "must be >= 0")
+        if self.register_name is not None and not self.register_name.strip():
+            _fail("evaluate", "register_name", self.register_name, "a model name, or null to not register")
 
 
 @dataclass

@@ -91,15 +91,19 @@ def _configure_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
-    """Get or create the experiment. For a sqlite store this also creates the database, so it runs
-    under a file lock: parallel queued experiments (`dvc queue start -j 2`) must not both migrate it."""
-    lock = contextlib.nullcontext()
-    if uri.startswith("sqlite:///"):
-        from filelock import FileLock
+def store_lock(uri: str) -> Any:
+    """A file lock beside a sqlite store (a no-op for servers): parallel queued experiments
+    (`dvc queue start -j 2`) must not both create/migrate the database or a registered model."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
 
-        lock = FileLock(uri[len("sqlite:///"):] + ".lock", timeout=120)
-    with lock:
+    return FileLock(uri[len("sqlite:///"):] + ".lock", timeout=120)
+
+
+def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
+    """Get or create the experiment (for sqlite this also creates the database), under store_lock."""
+    with store_lock(uri):
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -315,7 +319,8 @@ def log_captioner(tracker_or_run: Any, aligner_dir: str | Path, projector_dir: s
         code = Path(tmp) / "captioner_model.py"
         code.write_text(MODEL_CODE)
         if isinstance(tracker_or_run, Tracker):  # logs into the stage's open run
-            info = mlflow.pyfunc.log_model(python_model=str(code), **kwargs)
+            with store_lock(mlflow.get_tracking_uri()):
+                info = mlflow.pyfunc.log_model(python_model=str(code), **kwargs)
         else:
             run_id = tracker_or_run if isinstance(tracker_or_run, str) else tracker_or_run.info.run_id
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
