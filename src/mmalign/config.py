@@ -367,7 +367,7 @@ class ProjectTrainConfig:
     lr: float = 5e-3
     weight_decay: float = 0.0
     batch_size: int = 64
-    num_epochs: int = 4
+    num_epochs: int = 5
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0

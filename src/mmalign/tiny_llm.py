@@ -68,7 +68,7 @@ class TinyLLMSpec:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_position_embeddings: int = 256
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
