@@ -77,8 +77,14 @@ class Tracker:
                 self.mlflow.log_artifact(str(path), artifact_path)
 
     def log_figure(self, fig: Any, name: str) -> None:
-        if self.active:
-            self.mlflow.log_figure(fig, name)
+        """Log a matplotlib figure as a PNG artifact, then close it (stages make many; none is shown)."""
+        try:
+            if self.active:
+                self.mlflow.log_figure(fig, name)
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
