@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from .utils import atomic_path
 from .utils import progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -226,20 +224,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
 
 def _save_atomic(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
     """Write into a temp dir beside `out_dir`, then swap it in, so readers never see a half-written model."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]  # Path.mkdir rather than mkdtemp: the final dir keeps umask permissions
-    tmp, old = (out_dir.with_name(f".{out_dir.name}.{kind}-{token}") for kind in ("tmp", "old"))
-    tmp.mkdir()
-    try:
+    with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out_dir.exists():  # os.replace cannot overwrite a non-empty directory: move the old one aside first
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     logger.info("saved tiny LLM to %s", out_dir)

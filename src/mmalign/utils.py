@@ -55,12 +55,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
-        if path.is_dir() and not path.is_symlink():
-            old = tmp / ".old"
-            os.replace(path, old)
-        elif path.exists():
-            path.unlink()
-        os.replace(target, path)
+        old = tmp / ".old"
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)  # os.replace cannot overwrite a non-empty directory: move it aside first
+        try:
+            os.replace(target, path)
+        except BaseException:
+            if old.exists() or old.is_symlink():
+                os.replace(old, path)  # put the previous output back
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
