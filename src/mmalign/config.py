@@ -105,9 +105,7 @@ class TinyCLIPConfig:
 
     def __post_init__(self) -> None:
         s = "prepare.tiny_clip"
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
-            if getattr(self, key) < 1:
-                _fail(s, key, getattr(self, key), "must be >= 1")
+        _at_least_one(s, self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size")
         if self.hidden_size % self.num_heads:
             _fail(s, "hidden_size", self.hidden_size, f"must be divisible by num_heads={self.num_heads}")
 
@@ -265,12 +263,7 @@ class AlignmentConfig:
 
     def __post_init__(self) -> None:
         s = "align"
-        if self.d_align < 1:
-            _fail(s, "d_align", self.d_align, "must be >= 1")
-        if self.depth < 1:
-            _fail(s, "depth", self.depth, "must be >= 1")
-        if self.hidden_dim < 1:
-            _fail(s, "hidden_dim", self.hidden_dim, "must be >= 1")
+        _at_least_one(s, self, "d_align", "depth", "hidden_dim")
         if not 0.0 <= self.dropout < 1.0:
             _fail(s, "dropout", self.dropout, "must be in [0, 1)")
         if self.activation not in ACTIVATIONS:
@@ -291,24 +284,25 @@ class AlignmentConfig:
         _check_training(s, self)
 
 
+def _at_least_one(section: str, cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            _fail(section, key, getattr(cfg, key), "must be >= 1")
+
+
 def _check_training(section: str, cfg: Any) -> None:
     """Checks shared by both training sections (align, project)."""
     if cfg.lr <= 0:
         _fail(section, "lr", cfg.lr, "must be > 0")
     if cfg.weight_decay < 0:
         _fail(section, "weight_decay", cfg.weight_decay, "must be >= 0")
-    if cfg.batch_size < 1:
-        _fail(section, "batch_size", cfg.batch_size, "must be >= 1")
-    if cfg.num_epochs < 1:
-        _fail(section, "num_epochs", cfg.num_epochs, "must be >= 1")
+    _at_least_one(section, cfg, "batch_size", "num_epochs", "state_every")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         _fail(section, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     if cfg.grad_clip <= 0:
         _fail(section, "grad_clip", cfg.grad_clip, "must be > 0")
     if cfg.resume not in ("auto", "never"):
         _fail(section, "resume", cfg.resume, "allowed: auto, never")
-    if cfg.state_every < 1:
-        _fail(section, "state_every", cfg.state_every, "must be >= 1")
 
 
 @dataclass
