@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,16 @@ pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def sh(cmd: list[str], cwd: Path) -> str:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     # dvc.yaml calls `python`: make it this interpreter (the README activates the venv for the same reason).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def sh(cmd: list[str], cwd: Path) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
 
@@ -82,7 +87,10 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
     names = [f"q{i}" for i in range(4)]
     for i, name in enumerate(names):
         sh([*DVC, "exp", "run", "--queue", "--name", name, "-S", f"align.lr={0.001 * (i + 3)}"], repo)
-    sh([*DVC, "queue", "start", "-j", "2"], repo)
+    # `dvc queue start` spawns worker daemons and, once seen here, did not return: start it without
+    # waiting on it (or its pipes) and poll `dvc queue status` instead.
+    starter = subprocess.Popen([*DVC, "queue", "start", "-j", "2"], cwd=repo, env=_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sh([*DVC, "exp", "run", "--temp", "--name", "tmp-run", "-S", "align.lr=0.0077"], repo)  # runs meanwhile
     names.append("tmp-run")
     deadline = time.monotonic() + 600
@@ -91,8 +99,10 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
         if not any(word in status for word in ("Queued", "Running")):
             break
         time.sleep(3)
-    sh([*DVC, "queue", "stop", "--kill"], repo) if time.monotonic() >= deadline else None
-    assert "Failed" not in status, status
+    subprocess.run([*DVC, "queue", "stop", "--kill"], cwd=repo, env=_env(), capture_output=True, timeout=60)
+    if starter.poll() is None:
+        os.killpg(starter.pid, signal.SIGKILL)
+    assert "Failed" not in status and time.monotonic() < deadline, status
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
     done = {r.data.tags.get("dvc.exp_name") for r in runs
