@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mmalign import distributed
 from mmalign.params import align_config, load_params, setup_logging, tracking_config, validate_all
 from mmalign.pipeline import align
 from mmalign.tracking import stage_run
@@ -20,6 +21,7 @@ from mmalign.utils import get_device
 @click.option("--state", type=click.Path(path_type=Path), default=None,
               help="resumable training state dir (not a DVC out, so it survives a killed run)")
 def main(params_path: str, features: Path, out: Path, plots: Path, state: Path | None) -> None:
+    distributed.init()  # a no-op unless started by `accelerate launch` with several processes
     setup_logging()
     params = load_params(params_path)
     validate_all(params)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mmalign import distributed
 from mmalign.params import load_params, models_config, project_config, setup_logging, tracking_config, validate_all
 from mmalign.pipeline import project
 from mmalign.tracking import stage_run
@@ -25,6 +26,7 @@ from mmalign.utils import read_json
               help="resumable training state dir (not a DVC out, so it survives a killed run)")
 def main(params_path: str, models_dir: Path, aligner: Path, features: Path, dataset: Path, out: Path,
          plots: Path, state: Path | None) -> None:
+    distributed.init()  # a no-op unless started by `accelerate launch` with several processes
     setup_logging()
     params = load_params(params_path)
     validate_all(params)

@@ -78,6 +78,28 @@ def test_dvc_repro_end_to_end(repo):
     assert tagged == {"align", "project", "evaluate"}
 
 
+def test_dvc_repro_with_two_processes(repo):
+    """`accelerate launch` with 2 processes (DDP over gloo) for align and project, same metric keys."""
+    import mlflow
+
+    before = json.loads((repo / "eval/metrics.json").read_text())
+    log = sh([*DVC, "exp", "run", "-S", "configs/accelerate.yaml:num_processes=2", "--name", "ddp2"], repo)
+    assert stages_run(log) == ["align", "project", "evaluate"]
+    after = json.loads((repo / "eval/metrics.json").read_text())  # the experiment's results, in the workspace
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        return set().union(*[keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+                             for k, v in d.items()])
+
+    assert keys(after) == keys(before)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = [r for r in mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
+            if r.data.tags.get("dvc.exp_name") == "ddp2"]
+    assert {r.data.tags["mmalign.stage"]: r.data.tags["mmalign.num_processes"] for r in runs} == {
+        "align": "2", "project": "2", "evaluate": "1"}  # one run per stage: only rank 0 tracks
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
 def test_queued_experiments_in_parallel_lose_no_run(repo):
     """4 queued experiments, 2 at a time, all log complete runs into the workspace's one mlflow.db."""
     import time

@@ -259,6 +259,7 @@ class AlignmentConfig:
     seed: int = 42
     resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
     state_every: int = 50  # steps between training-state snapshots
+    mixed_precision: str = "none"  # none | bf16 (autocast; weights and the loss stay float32)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -303,6 +304,8 @@ def _check_training(section: str, cfg: Any) -> None:
         _fail(section, "grad_clip", cfg.grad_clip, "must be > 0")
     if cfg.resume not in ("auto", "never"):
         _fail(section, "resume", cfg.resume, "allowed: auto, never")
+    if cfg.mixed_precision not in ("none", "bf16"):
+        _fail(section, "mixed_precision", cfg.mixed_precision, "allowed: none, bf16")
 
 
 @dataclass
@@ -367,6 +370,7 @@ class ProjectTrainConfig:
     seed: int = 0
     resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
     state_every: int = 50  # steps between training-state snapshots
+    mixed_precision: str = "none"  # none | bf16 (autocast; weights and the loss stay float32)
 
     def __post_init__(self) -> None:
         _check_training("project", self)

@@ -64,6 +64,8 @@ def validate_all(params: dict[str, Any]) -> None:
 
 def setup_logging() -> None:
     level = os.environ.get("MMALIGN_LOG_LEVEL", "INFO").upper()
+    if int(os.environ.get("RANK", 0)) > 0:  # the other ranks of `accelerate launch`: warnings and errors only
+        level = "WARNING"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock", "datasets", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -124,7 +126,11 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
     Tags: mmalign.stage, mmalign.pipeline (the DVC experiment name, or a hash of commit + params for
     a plain `dvc repro`), dvc.exp_name, git.commit. `params` are logged as run params.
     If the store is unreachable: raise (required) or warn once and yield an inactive Tracker.
+    In a multi-process run only rank 0 tracks; the other ranks get an inactive Tracker.
     """
+    if not distributed.is_main_process():
+        yield Tracker(None)
+        return
     _configure_timeouts()
     root = repo_root()
     commit = git_commit(root)
@@ -139,7 +145,8 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
         exp_id = _experiment_id(mlflow, experiment, root, uri)
         run = mlflow.start_run(experiment_id=exp_id, run_name=f"{exp_name or 'workspace'}/{stage}",
                                tags={"mmalign.stage": stage, "mmalign.pipeline": pipeline,
-                                     "dvc.exp_name": exp_name or "workspace", "git.commit": commit})
+                                     "dvc.exp_name": exp_name or "workspace", "git.commit": commit,
+                                     "mmalign.num_processes": str(distributed.world_size())})
     except Exception as e:
         msg = f"MLflow tracking store {uri} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         if required:

@@ -12,13 +12,16 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from .losses import alignment_loss
 from .train_state import load_state, restore, save_state
 from .utils import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+# loss_fn(net, batch) -> {"loss": scalar, other named terms}; `net` is the module to call forward on
+# (the DDP wrapper in a multi-process run), batch is this rank's shard.
+LossFn = Callable[[nn.Module, dict[str, Any]], dict[str, torch.Tensor]]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -57,16 +60,21 @@ def fit(
     fingerprint: str = "",
     desc: str = "train",
     progress: bool = True,
+    mixed_precision: str = "none",
 ) -> dict[str, Any]:
     """Train the parameters of `model` that require grad.
 
-    loss_fn(batch) -> {"loss": scalar, other named terms}. evaluate() -> val metrics after each epoch;
+    loss_fn(net, batch) -> {"loss": scalar, other named terms}. evaluate() -> val metrics after each epoch;
     the epoch with the best `monitor` value (max or min per `mode`) calls save_best(epoch), and the
     model ends with the best weights. on_log(metrics, step) gets per-step terms and val metrics.
     With `state_dir`, the full training state is written there every `state_every` steps and at each
     epoch end; a run started again with the same `fingerprint` resumes from it and ends with the
     same weights as an uninterrupted run (batches are a function of (seed, epoch); RNG is restored).
     A finished run deletes its state. Returns {"steps": [...], "epochs": [...], "best": {...}}.
+
+    Under `accelerate launch` with N processes (torch.distributed initialised) every rank draws the
+    same global batch, trains on its shard through DDP, and only rank 0 evaluates, saves, snapshots
+    and shows progress; the others get rank 0's validation results. mixed_precision: none | bf16.
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
@@ -74,6 +82,8 @@ def fit(
     params = list(named.values())
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    net, main = distributed.wrap(model), distributed.is_main_process()
+    autocast = distributed.autocast(device, mixed_precision)
     per_epoch = len(loader)  # type: ignore[arg-type]
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * num_epochs * per_epoch), num_epochs * per_epoch)
     history: dict[str, Any] = {"steps": [], "epochs": [], "best": {}}
@@ -86,7 +96,7 @@ def fit(
         log.info("%s: resuming from %s at step %d (epoch %d)", desc, state_dir, step, len(history["epochs"]) + 1)
 
     def snapshot() -> None:
-        if state_dir is not None:
+        if state_dir is not None and main:
             save_state(state_dir, model_state={n: p.detach() for n, p in named.items()}, best_state=best_state,
                        optimizer=optimizer, scheduler=scheduler,
                        meta={"fingerprint": fingerprint, "step": step, "history": history, "best_score": best})
@@ -96,11 +106,18 @@ def fit(
             loader.set_epoch(epoch)
         model.train()
         done = step - epoch * per_epoch  # batches of this epoch finished before a resume
-        bar = progress_bar(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
+        bar = progress_bar(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", disable=not (progress and main),
+                           leave=False)
         for i, batch in enumerate(bar):
             if i < done:
                 continue
-            terms = loss_fn(_to(batch, device))
+            local = distributed.shard(batch)
+            if local is None:  # fewer rows than ranks (a last partial batch): every rank skips it
+                log.warning("%s: skipped a batch of %d rows (fewer than the %d processes)", desc,
+                            len(next(iter(batch.values()))), distributed.world_size())
+                continue
+            with autocast:
+                terms = loss_fn(net, _to(local, device))
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 last = history["best"].get("epoch")
@@ -124,7 +141,7 @@ def fit(
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
             if step % state_every == 0:
                 snapshot()
-        val = evaluate() if evaluate is not None else {}
+        val = distributed.broadcast((evaluate() if evaluate is not None and main else {}))
         history["epochs"].append({"epoch": epoch + 1, "step": step, **val})
         if on_log is not None and val:
             on_log(val, step)
@@ -133,7 +150,7 @@ def fit(
             best = score if score is not None else best
             history["best"] = {"epoch": epoch + 1, "step": step, **val}
             best_state = {n: p.detach().clone() for n, p in named.items()}
-            if save_best is not None:
+            if save_best is not None and main:
                 save_best(epoch + 1)
                 saved_here = True
         snapshot()
@@ -143,10 +160,11 @@ def fit(
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(best_state[n])
-        if save_best is not None and not saved_here:
+        if save_best is not None and main and not saved_here:
             save_best(history["best"]["epoch"])
-    if state_dir is not None:
+    if state_dir is not None and main:
         shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.barrier()  # the other ranks wait until rank 0 has written its outputs
     return history
 
 
@@ -154,12 +172,16 @@ def alignment_loss_fn(model: nn.Module) -> LossFn:
     """Loss on a batch of cached features, or of raw images + texts (the seed's design)."""
     cfg = model.cfg
 
-    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "vision_features" in batch:
-            z_v, z_t = model(batch["vision_features"], batch["text_features"])
-        else:
+            z_v, z_t = net(batch["vision_features"], batch["text_features"])
+        elif distributed.world_size() == 1:  # the seed's design: encoders on every batch (benchmarks compare it)
             z_v, z_t = model.encode_images(batch["images"]), model.encode_texts(batch["texts"])
-        return alignment_loss(z_v, z_t, model.logit_scale, cfg.mrl_dims, cfg.mrl_weights,
+        else:
+            raise ValueError("multi-process training runs from the feature cache (batches of vision/text features)")
+        # Negatives from every rank (open_clip's gather_features); the loss itself in float32.
+        z_v, z_t = distributed.gather_with_grad(z_v.float()), distributed.gather_with_grad(z_t.float())
+        return alignment_loss(z_v, z_t, model.logit_scale.float(), cfg.mrl_dims, cfg.mrl_weights,
                               cfg.clip_weight, cfg.mrl_weight)
     return loss_fn
 
@@ -173,13 +195,13 @@ def train_alignment(model: nn.Module, train_loader: Iterable[dict[str, Any]], nu
     cfg = model.cfg
     return fit(model, alignment_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
                num_epochs=num_epochs or cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-               after_step=model.clamp_logit_scale_, desc="align", **kwargs)
+               after_step=model.clamp_logit_scale_, desc="align", mixed_precision=cfg.mixed_precision, **kwargs)
 
 
 def caption_loss_fn(model: nn.Module) -> LossFn:
-    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        _, loss = model(batch["vision_features"], batch["captions"])
-        return {"loss": loss}
+    def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        _, loss = net(batch["vision_features"], batch["captions"])
+        return {"loss": loss.float()}
     return loss_fn
 
 
@@ -202,4 +224,4 @@ def train_projector(model: nn.Module, train_loader: Iterable[dict[str, Any]], cf
     """Phase 2: train the projector (and LoRA) of a MultimodalLLM. `cfg`: ProjectTrainConfig."""
     return fit(model, caption_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
                num_epochs=cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-               desc="project", **kwargs)
+               desc="project", mixed_precision=cfg.mixed_precision, **kwargs)

@@ -27,9 +27,9 @@ def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
 
 
 def get_device() -> str:
-    """The best available device: cuda, then mps, then cpu."""
+    """The best available device: cuda (this process's GPU under `accelerate launch`), then mps, then cpu."""
     if torch.cuda.is_available():
-        return "cuda"
+        return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"

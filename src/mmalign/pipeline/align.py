@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..aligner import VisionTextAligner
 from ..config import AlignmentConfig
 from ..data.dataset import FeaturePairBatches
@@ -48,14 +49,19 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     cfg = dataclasses.replace(cfg, vision_model_name=fp["vision_model"], text_model_name=fp["text_model"],
                               vision_dim=fp["vision_dim"], text_dim=fp["text_dim"],
                               vision_pooling=fp["vision_pooling"], vision_grid=fp["vision_grid"])
+    if cfg.batch_size % distributed.world_size():
+        raise ValueError(f"align.batch_size={cfg.batch_size} must be a multiple of the {distributed.world_size()} "
+                         "processes (each rank takes an equal share of the global batch)")
     train, val = load_features(features_dir, "train"), load_features(features_dir, "val")
     set_seed(cfg.seed)
     model = VisionTextAligner(cfg).to(cfg.device)
     loader = FeaturePairBatches(train.vision, train.text, train.text_to_image, cfg.batch_size, seed=cfg.seed)
-    log.info("align: %d train images, %d val images, %d steps/epoch", train.num_images, val.num_images, len(loader))
+    log.info("align: %d train images, %d val images, %d steps/epoch of %d (%d processes)", train.num_images,
+             val.num_images, len(loader), cfg.batch_size, distributed.world_size())
     history = train_alignment(
         model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R@1",
         save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir), on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, fp["files"]))
-    write_history(history, plots_dir, tracker)
+    if distributed.is_main_process():
+        write_history(history, plots_dir, tracker)
     return history

@@ -7,14 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
+from .. import distributed
 from ..aligner import VisionTextAligner
 from ..config import LLMConfig, ProjectTrainConfig
 from ..data.dataset import CaptionBatches
-from ..features import load_features
+from ..features import load_features, sha256
 from ..llm import MultimodalLLM
 from ..train import mean_caption_loss, train_projector
-from ..features import sha256
 from ..utils import get_device, read_json, set_seed
 from .common import state_options, write_history
 
@@ -41,8 +40,8 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         loaders[split] = CaptionBatches(feats.vision, ids, feats.text_to_image, cfg.batch_size, seed=cfg.seed,
                                         shuffle=split == "train")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("project: %d trainable parameters, %d train captions, %d steps/epoch", n_train,
-             len(loaders["train"].captions), len(loaders["train"]))
+    log.info("project: %d trainable parameters, %d train captions, %d steps/epoch (%d processes)", n_train,
+             len(loaders["train"].captions), len(loaders["train"]), distributed.world_size())
     tracker.log_metrics({"trainable_params": n_train})
     history = train_projector(
         model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"])},
@@ -50,5 +49,6 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
             features_dir / "fingerprint.json")["files"]))
-    write_history(history, plots_dir, tracker)
+    if distributed.is_main_process():
+        write_history(history, plots_dir, tracker)
     return history

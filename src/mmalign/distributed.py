@@ -1,0 +1,129 @@
+"""Multi-process data-parallel training: `accelerate launch` starts the processes, torch DDP averages
+gradients, and the contrastive losses see the global batch through `gather_with_grad`.
+
+Every rank reads the same global batch (loaders are a function of (seed, epoch)) and trains on its
+contiguous shard, so N processes compute exactly what one process computes on the whole batch.
+Everything here is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> None:
+    """Join the process group when launched by `accelerate launch` / torchrun (LOCAL_RANK is set).
+
+    accelerate's PartialState reads the launcher's environment and picks the backend: NCCL on GPUs,
+    gloo on CPU. On CPU the launcher pins every process to 1 thread; the cores are shared out instead.
+    """
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def shard(batch: dict[str, Any]) -> dict[str, Any] | None:
+    """This rank's contiguous slice of a global batch (tensors and lists alike).
+
+    None when the batch has fewer rows than there are ranks (every rank sees the same batch, so all
+    of them skip that step together).
+    """
+    n_ranks = world_size()
+    if n_ranks == 1:
+        return batch
+    n = len(next(iter(batch.values())))
+    if n < n_ranks:
+        return None
+    r = rank()
+    lo, hi = n * r // n_ranks, n * (r + 1) // n_ranks
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own rows.
+
+    Every rank computes the same global loss L, so the gradient reaching rank r's rows is
+    N * dL/dz_r; DDP's gradient averaging divides by N again. Same semantics as open_clip's
+    gather_features(gather_with_grad=True) (torch.distributed.nn.all_gather).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)  # (N * B, D)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) on each rank -> (N * B, D) in rank order, differentiable; `x` itself in one process.
+
+    Every rank must pass the same B (the align loader drops the last partial batch for this).
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to call forward on: DDP around `model` when there are several ranks."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    # Buffers (rotary tables, ...) are identical on every rank; broadcasting them each step is waste.
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (validation runs on rank 0 only; all ranks need its verdict)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for `mixed_precision: bf16`; nothing for `none` (nanoGPT's ctx)."""
+    if mixed_precision == "none":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"mixed_precision=bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
+                         "set mixed_precision: none")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
