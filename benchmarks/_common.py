@@ -52,9 +52,10 @@ class Row:
     b_label: str
     b: float
     unit: str
-    target: float | None  # minimum ratio; None: no target (reported only)
+    target: float | None  # minimum ratio (maximum with at_most); None: no target (reported only)
     ratio: float | None = None
     note: str = ""
+    at_most: bool = False  # the target is a ceiling (memory), not a floor
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.a and self.target is not None:  # no target: times, not a ratio
@@ -64,7 +65,7 @@ class Row:
     def met(self) -> str:
         if self.target is None or self.ratio is None:
             return "n/a"
-        return "yes" if self.ratio >= self.target else "NO"
+        return "yes" if (self.ratio <= self.target if self.at_most else self.ratio >= self.target) else "NO"
 
 
 def print_rows(rows: list[Row]) -> None:
@@ -75,7 +76,7 @@ def format_table(rows: list[Row]) -> str:
     head = ["benchmark", "A", "B", "ratio B/A", "target", "met?"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        target = "-" if r.target is None else f">= {r.target:g}"
+        target = "-" if r.target is None else f"{'<=' if r.at_most else '>='} {r.target:g}"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         lines.append(f"| {r.name} | {r.a_label}: {r.a:,.1f} {r.unit} | {r.b_label}: {r.b:,.1f} {r.unit} | "
                      f"{ratio} | {target} | {r.met} |")

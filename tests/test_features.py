@@ -167,3 +167,31 @@ def test_pooling_modes_give_documented_dims(tiny_clip_dir, tiny_data, pooling, g
 def test_unknown_pooling_is_rejected(tiny_clip_dir):
     with pytest.raises(ValueError, match="pooling"):
         FrozenVisionEncoder(str(tiny_clip_dir), pooling="max")
+
+
+def test_streamed_features_equal_loaded_ones(cache):
+    cache, _ = cache
+    full, streamed = load_features(cache, "train"), load_features(cache, "train", stream=True)
+    assert isinstance(streamed.vision, features.StreamedRows)
+    assert torch.equal(streamed.text_to_image, full.text_to_image)
+    for name in ("vision", "text"):
+        a, s = getattr(full, name), getattr(streamed, name)
+        assert s.shape == a.shape and len(s) == len(a) and s.dtype == a.dtype
+        idx = torch.tensor([len(a) - 1, 0, 3, 3])
+        assert torch.equal(s[idx], a[idx])  # a shuffled batch, repeats included
+        assert torch.equal(s[2:7], a[2:7]) and torch.equal(s[::5], a[::5]) and torch.equal(s[4], a[4])
+        assert torch.equal(s.load(), a) and s[len(a):].shape == (0, a.shape[1])
+        with pytest.raises(IndexError):
+            s[torch.tensor([len(a)])]
+
+
+def test_streamed_rows_of_a_truncated_file_say_so(cache, tmp_path):
+    cache, _ = cache
+    bad = tmp_path / "feats"
+    shutil.copytree(cache, bad)
+    f = bad / "train.safetensors"
+    rows = features.StreamedRows(f, "vision")
+    f.write_bytes(f.read_bytes()[: rows.offset + rows.row_bytes * 2])
+    assert rows[0:2].shape[0] == 2
+    with pytest.raises(ValueError, match="truncated.*dvc repro prepare"):
+        rows[0:3]

@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -26,10 +29,76 @@ from .utils import atomic_path, read_json, progress
 log = logging.getLogger(__name__)
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+class StreamedRows:
+    """A 2-D tensor of a safetensors file whose rows are read on demand (pread), never all at once.
+
+    Indexing with an int, a slice or a LongTensor of row ids returns a new tensor of those rows, so
+    training holds one batch of features, not the cache: the process's memory does not grow with the
+    dataset (the OS page cache keeps a file that fits in RAM warm). Unlike np.memmap, rows read this
+    way do not count towards the process's resident set.
+    """
+
+    def __init__(self, path: str | Path, name: str):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(size))[name]
+        if len(meta["shape"]) != 2 or meta["dtype"] not in _DTYPES:
+            raise ValueError(f"{self.path}:{name} is {meta['dtype']} {meta['shape']}; expected a 2-D float tensor")
+        self.dtype, self.shape = _DTYPES[meta["dtype"]], torch.Size(meta["shape"])
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self.offset = 8 + size + meta["data_offsets"][0]
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, rows: int, out: torch.Tensor) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        got = os.preadv(self._fd, [view], self.offset + start * self.row_bytes)
+        if got != rows * self.row_bytes:
+            raise ValueError(f"feature cache file {self.path} is truncated: re-run `dvc repro prepare`")
+
+    def __getitem__(self, index: int | slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[index:index + 1][0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return self[torch.arange(start, stop, step)]
+            out = torch.empty(max(0, stop - start), self.shape[1], dtype=self.dtype)
+            if len(out):
+                self._read(start, len(out), out)
+            return out
+        rows = torch.as_tensor(index).long().reshape(-1)  # (B,)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows of {self.path}")
+        out = torch.empty(len(rows), self.shape[1], dtype=self.dtype)
+        for i, r in enumerate(rows.tolist()):  # one pread per row: ~1 ms for a batch of 256
+            self._read(r, 1, out[i])
+        return out
+
+    def load(self) -> torch.Tensor:
+        """All rows as one tensor."""
+        return self[:]
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the file
+        return {**self.__dict__, "_fd": None}
+
+
 @dataclass
 class Features:
-    vision: torch.Tensor  # (N, Dv)
-    text: torch.Tensor  # (M, Dt)
+    vision: torch.Tensor | StreamedRows  # (N, Dv)
+    text: torch.Tensor | StreamedRows  # (M, Dt)
     text_to_image: torch.Tensor  # (M,) image index of each caption
 
     @property
@@ -102,15 +171,23 @@ def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenT
     if cache_is_valid(out_dir, expected):
         log.info("feature cache %s is up to date; not re-encoding", out_dir)
         return read_json(Path(out_dir) / "fingerprint.json")
+    splits = ((name, encode_split(split, vision, text, batch_size, num_workers, desc=name))
+              for name, split in dataset.items())  # one split in memory at a time
+    return write_feature_cache(out_dir, splits, {**expected, "vision_dim": vision.dim, "text_dim": text.dim})
+
+
+def write_feature_cache(out_dir: str | Path, splits: Iterable[tuple[str, dict[str, torch.Tensor]]],
+                        fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Write (name, {"vision", "text", "text_to_image"}) splits and fingerprint.json (plus each file's
+    sha256 and sizes) atomically: the directory appears whole or not at all."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         files = {}
-        for name, split in dataset.items():
-            tensors = encode_split(split, vision, text, batch_size, num_workers, desc=name)
+        for name, tensors in splits:
             save_file(tensors, tmp / f"{name}.safetensors")
             files[name] = {"sha256": sha256(tmp / f"{name}.safetensors"), "images": tensors["vision"].shape[0],
                            "captions": tensors["text"].shape[0]}
-        fingerprint = {**expected, "files": files, "vision_dim": vision.dim, "text_dim": text.dim}
+        fingerprint = {**fingerprint, "files": files}
         (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
     return fingerprint
 
@@ -134,8 +211,12 @@ def cache_is_valid(out_dir: str | Path, expected: dict[str, Any]) -> bool:
     return True
 
 
-def load_features(cache_dir: str | Path, split: str) -> Features:
-    """Load one split, verifying its checksum against fingerprint.json."""
+def load_features(cache_dir: str | Path, split: str, stream: bool = False) -> Features:
+    """Load one split, verifying its checksum against fingerprint.json.
+
+    stream=True: vision and text features stay in the file (StreamedRows) and are read a batch at a
+    time; only text_to_image is loaded.
+    """
     cache_dir = Path(cache_dir)
     meta = read_json(cache_dir / "fingerprint.json")
     if split not in meta.get("files", {}):
@@ -143,5 +224,9 @@ def load_features(cache_dir: str | Path, split: str) -> Features:
     f = cache_dir / f"{split}.safetensors"
     if sha256(f) != meta["files"][split]["sha256"]:
         raise ValueError(f"feature cache file {f} does not match its checksum: re-run `dvc repro prepare` to rebuild it")
+    if stream:
+        with safe_open(f, framework="pt") as st:
+            t2i = st.get_tensor("text_to_image")
+        return Features(StreamedRows(f, "vision"), StreamedRows(f, "text"), t2i)
     t = load_file(f)
     return Features(t["vision"], t["text"], t["text_to_image"])

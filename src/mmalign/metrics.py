@@ -32,16 +32,18 @@ def _captions_per_image(text_to_image: torch.Tensor, n_images: int) -> torch.Ten
 
 @torch.inference_mode()
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based retrieval ranks, as clip_benchmark counts them; similarity is the dot product.
 
     image_emb (N, D), text_emb (M, D), both L2-normalised; text_to_image (M,) long.
     Returns i2t (N,): per image, the best rank of any of its captions among all M texts;
     t2i (M,): per caption, the rank of its image among the N images.
     Ties count in the query's favour: rank = 1 + number of candidates scoring strictly higher.
-    Queries go in chunks, so at most chunk * max(N, M) scores are held at once.
+    Queries go in chunks, so at most chunk * max(N, M) scores are held at once (default: about 4M,
+    so memory stays flat as the eval set grows).
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
+    chunk = chunk or max(16, (1 << 22) // max(n, m))
     _captions_per_image(text_to_image, n)
     text_emb = text_emb.to(image_emb)
     owner = text_to_image.to(image_emb.device).long()  # (M,)

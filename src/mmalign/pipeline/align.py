@@ -52,7 +52,8 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     if cfg.batch_size % distributed.world_size():
         raise ValueError(f"align.batch_size={cfg.batch_size} must be a multiple of the {distributed.world_size()} "
                          "processes (each rank takes an equal share of the global batch)")
-    train, val = load_features(features_dir, "train"), load_features(features_dir, "val")
+    # Streamed: a batch of features in memory at a time, however large the cache (benchmarks/bench_memory.py).
+    train, val = load_features(features_dir, "train", stream=True), load_features(features_dir, "val", stream=True)
     set_seed(cfg.seed)
     model = VisionTextAligner(cfg).to(cfg.device)
     loader = FeaturePairBatches(train.vision, train.text, train.text_to_image, cfg.batch_size, seed=cfg.seed)

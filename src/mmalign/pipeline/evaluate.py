@@ -69,8 +69,9 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
     test = load_features(features_dir, "test")
     prefix = torch.cat([mm.prefix_from_features(test.vision[i:i + 256]) for i in range(0, test.num_images, 256)])
     if cfg.blind_prefix == "mean":  # the projector applied to the mean training image embedding
-        train_v = load_features(features_dir, "train").vision
-        blind = mm.prefix_from_features(train_v.mean(0, keepdim=True))
+        train_v = load_features(features_dir, "train", stream=True).vision  # summed in chunks, never all loaded
+        total = sum(train_v[i:i + 4096].double().sum(0) for i in range(0, len(train_v), 4096))
+        blind = mm.prefix_from_features((total / len(train_v)).float()[None])
     else:
         blind = torch.zeros_like(prefix[:1])
     generated = generate_all(mm, prefix, cfg, "trained")

@@ -35,7 +35,7 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
     ds = datasets.load_from_disk(str(dataset_dir))
     loaders = {}
     for split in ("train", "val"):
-        feats = load_features(features_dir, split)
+        feats = load_features(features_dir, split, stream=True)
         ids = caption_ids(model.tokenizer, ds[split].select_columns(["captions"]))
         loaders[split] = CaptionBatches(feats.vision, ids, feats.text_to_image, cfg.batch_size, seed=cfg.seed,
                                         shuffle=split == "train")
