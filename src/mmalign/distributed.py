@@ -114,6 +114,16 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each scalar averaged over the ranks, in one all_reduce (Phase 2's per-rank losses; the
+    contrastive terms are already the global-batch values on every rank)."""
+    if world_size() == 1:
+        return values
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])  # (K,)
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / world_size()))
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -119,10 +119,11 @@ def fit(
             with autocast:
                 terms = loss_fn(net, _to(local, device))
             loss = terms["loss"]
-            if not torch.isfinite(loss):
+            shown = distributed.mean_over_ranks({k: v.detach() for k, v in terms.items()})  # what every rank logs
+            if not torch.isfinite(shown["loss"]):  # all ranks stop together
                 last = history["best"].get("epoch")
                 raise FloatingPointError(
-                    f"{desc}: loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
+                    f"{desc}: loss is {shown['loss'].item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
                     f"Last good checkpoint: {f'{checkpoint} (epoch {last})' if last else 'none written yet'}. "
                     "Lower the learning rate or check the input features.")
             optimizer.zero_grad(set_to_none=True)
@@ -133,7 +134,7 @@ def fit(
             if after_step is not None:
                 after_step()
             step += 1
-            row = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+            row = {f"train/{k}": float(v) for k, v in shown.items()}
             row.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
             history["steps"].append({"step": step, "epoch": epoch + 1, **row})
             if on_log is not None:
