@@ -2,8 +2,10 @@
 gradients, and the contrastive losses see the global batch through `gather_with_grad`.
 
 Every rank reads the same global batch (loaders are a function of (seed, epoch)) and trains on its
-contiguous shard, so N processes compute exactly what one process computes on the whole batch.
-Everything here is a no-op in a single process.
+contiguous shard. For the contrastive losses N processes then compute what one process computes on
+the whole batch (tests/test_distributed.py); Phase 2's gradient is the mean of the per-rank
+token-mean losses, as with any DDP language-model training. Everything here is a no-op in a
+single process.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def init() -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local))
 
 
 def rank() -> int:
