@@ -53,13 +53,14 @@ Date: {started:%Y-%m-%d %H:%M %Z}
 Command: `{command}` (from the repo root)
 
 Ratios are B / A, measured side by side in one run (memory: in two runs of the stage, one after
-the other). Other jobs may share this 2-core machine (see the load average): an earlier run under a
-second 2-thread process measured the Phase 1 ratio at 4.6x (the oversubscribed cache path slowed
-17x), so absolute rates are noisy; extraction is timed batch by batch for that reason.
+the other). This 2-core VM's speed drifts by up to 1.5x within seconds (the same pass, timed
+twice in a row, can differ by 40%; see the load average too), so absolute rates are noisy;
+extraction therefore reports the median of 15 back-to-back rounds, with the range.
 
-Extraction runs with num_workers=0 (the default of `prepare.num_workers`): PNG decoding (~40 us an
-image) and the batched preprocessing (~25 us) run between forwards. A DataLoader worker
-(num_workers=1) is slower on 2 cores: the worker and torch's 2 threads share them.
+Extraction on 2 cores: PNG decoding (~40 us an image) and the batched preprocessing (~25 us) cost
+about a tenth of the tiny CLIP's forward. The prefetch thread (the default) prepares the next batch
+during the forward; on 2 cores, where torch's 2 threads already fill both, it gains little over
+running them in turn (the serial row), while on a GPU the whole CPU side overlaps the forward.
 
 {table}
 

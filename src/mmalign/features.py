@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
-from .utils import atomic_path, read_json, progress
+from .utils import atomic_path, prefetch, progress, read_json
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,25 @@ class _Images(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
+def encode_images(split: Any, vision: FrozenVisionEncoder, batch_size: int, num_workers: int = 0,
+                  desc: str = "", overlap: bool = True) -> torch.Tensor:
+    """The vision features (N, dim) of an HF dataset split's `image` column.
+
+    With `overlap`, the next batch is decoded + preprocessed in a thread while this one runs through
+    the encoder (benchmarks/bench_extraction.py measures both ways).
+    """
+    loader = DataLoader(_Images(split.select_columns(["image"])), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess
+    batches = prefetch(loader) if overlap else loader
+    out = [vision(px) for px in progress(batches, total=len(loader), desc=f"vision features {desc}", unit="batch")]
+    return torch.cat(out).cpu().contiguous()
+
+
+@torch.inference_mode()
 def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, batch_size: int,
                  num_workers: int = 0, desc: str = "") -> dict[str, torch.Tensor]:
     """Run both frozen encoders over one HF dataset split (columns: image, captions)."""
-    loader = DataLoader(_Images(split.select_columns(["image"])), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess in workers
-    v = [vision(px) for px in progress(loader, desc=f"vision features {desc}", unit="batch")]
+    v = encode_images(split, vision, batch_size, num_workers, desc)
     captions = split["captions"]
     flat = [c for caps in captions for c in caps]
     t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
@@ -154,7 +167,7 @@ def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncode
     step = 2048
     t = [text(flat[i:i + step], batch_size=64)
          for i in progress(range(0, len(flat), step), desc=f"text features {desc}", unit="chunk")]
-    return {"vision": torch.cat(v).cpu().contiguous(), "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
+    return {"vision": v, "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
 
 
 def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder) -> dict[str, Any]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import random
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +26,43 @@ def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     """tqdm that redraws at most every 15 s when stderr is not a terminal (DVC, CI logs)."""
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 15.0)
     return tqdm(iterable, **kwargs)
+
+
+def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate `iterable` in a background thread, up to `depth` items ahead, in order.
+
+    Image decoding and resizing (PIL) release the GIL, so the next batch is read and preprocessed
+    while torch runs the current one. An exception in the thread is raised here.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((False, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            q.put((False, e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:  # the consumer stopped early or failed: let the thread finish its last put and exit
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(0.01)
 
 
 def get_device() -> str:
