@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import distributed
 from ..utils import atomic_path
 
 
@@ -19,7 +20,10 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any) -> None:
-    """Per-step training terms -> loss.csv, per-epoch validation -> val.csv (DVC plots), and to MLflow."""
+    """Per-step training terms -> loss.csv, per-epoch validation -> val.csv (DVC plots), and to MLflow.
+    Rank 0 alone writes them in a multi-process run."""
+    if not distributed.is_main_process():
+        return
     write_csv(pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")), plots_dir / "loss.csv")
     write_csv(pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")), plots_dir / "val.csv")
     tracker.log_metrics({k.replace("val/", "best_val/"): v for k, v in history["best"].items() if k.startswith("val/")})

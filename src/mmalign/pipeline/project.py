@@ -49,6 +49,5 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
             features_dir / "fingerprint.json")["files"]))
-    if distributed.is_main_process():
-        write_history(history, plots_dir, tracker)
+    write_history(history, plots_dir, tracker)
     return history
