@@ -112,9 +112,12 @@ def fit(
             if i < done:
                 continue
             local = distributed.shard(batch)
-            if local is None:  # fewer rows than ranks (a last partial batch): every rank skips it
+            if local is None:  # fewer rows than ranks (a last partial batch): every rank skips it, but
+                # counts the step, so the schedule and the resume position stay those of one process
                 log.warning("%s: skipped a batch of %d rows (fewer than the %d processes)", desc,
                             len(next(iter(batch.values()))), distributed.world_size())
+                step += 1
+                scheduler.step()
                 continue
             with autocast:
                 terms = loss_fn(net, _to(local, device))
