@@ -16,7 +16,6 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runnable without the editable install too
 
-import torch  # noqa: E402
 
 from mmalign.params import load_params  # noqa: E402
 

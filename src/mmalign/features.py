@@ -29,7 +29,7 @@ from .utils import atomic_path, prefetch, progress, read_json
 log = logging.getLogger(__name__)
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # feature tensors
 
 
 class StreamedRows:
