@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from mmalign import distributed
-from mmalign.params import align_config, load_params, setup_logging, tracking_config, validate_all
+from mmalign.entry import run_entry
+from mmalign.params import align_config, load_params, preflight, setup_logging, tracking_config
 from mmalign.pipeline import align
 from mmalign.tracking import stage_run
 from mmalign.utils import get_device
@@ -24,7 +25,7 @@ def main(params_path: str, features: Path, out: Path, plots: Path, state: Path |
     distributed.init()  # a no-op unless started by `accelerate launch` with several processes
     setup_logging()
     params = load_params(params_path)
-    validate_all(params)
+    preflight(params)
     cfg, tracking = align_config(params), tracking_config(params)
     cfg.device = get_device()
     with stage_run("align", tracking.experiment, tracking.required, {"align": params.get("align", {})},
@@ -33,4 +34,4 @@ def main(params_path: str, features: Path, out: Path, plots: Path, state: Path |
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, "align")

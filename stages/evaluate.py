@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
-from mmalign.params import evaluate_config, load_params, setup_logging, tracking_config, validate_all
+from mmalign.entry import run_entry
+from mmalign.params import evaluate_config, load_params, preflight, setup_logging, tracking_config
 from mmalign.pipeline import evaluate
-from mmalign.tracking import log_captioner, stage_run
+from mmalign.captioner import log_captioner
+from mmalign.tracking import stage_run
 
 
 @click.command()
@@ -24,7 +26,7 @@ def main(params_path: str, aligner: Path, features: Path, align_plots: Path, pro
          project_plots: Path | None, dataset: Path | None, out: Path) -> None:
     setup_logging()
     params = load_params(params_path)
-    validate_all(params)
+    preflight(params)
     cfg, tracking = evaluate_config(params), tracking_config(params)
     # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
@@ -35,4 +37,4 @@ def main(params_path: str, aligner: Path, features: Path, align_plots: Path, pro
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, "evaluate")

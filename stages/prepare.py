@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: dataset, builtin stand-in models, frozen-encoder feature cache."""
+"""DVC stage `prepare`: dataset, the builtin stand-in vision tower, frozen-encoder feature cache."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from mmalign.params import load_params, models_config, prepare_config, setup_logging, tracking_config, validate_all
+from mmalign.entry import run_entry
+from mmalign.params import load_params, models_config, prepare_config, preflight, setup_logging, tracking_config
 from mmalign.pipeline import prepare
 from mmalign.tracking import stage_run
 
@@ -14,13 +15,13 @@ from mmalign.tracking import stage_run
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--dataset", type=click.Path(path_type=Path), required=True, help="HF dataset (save_to_disk) out")
-@click.option("--models", "models_dir", type=click.Path(path_type=Path), required=True, help="builtin models out")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path), required=True, help="builtin encoders out")
 @click.option("--features", type=click.Path(path_type=Path), required=True, help="feature cache out")
 @click.option("--report", type=click.Path(path_type=Path), required=True, help="prepare report (JSON) out")
 def main(params_path: str, dataset: Path, models_dir: Path, features: Path, report: Path) -> None:
     setup_logging()
     params = load_params(params_path)
-    validate_all(params)
+    preflight(params, data=True)
     models, cfg, tracking = models_config(params), prepare_config(params), tracking_config(params)
     with stage_run("prepare", tracking.experiment, tracking.required,
                    {"models": params.get("models", {}), "prepare": params.get("prepare", {})}, params) as tracker:
@@ -28,4 +29,4 @@ def main(params_path: str, dataset: Path, models_dir: Path, features: Path, repo
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, "prepare")

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from mmalign import distributed
-from mmalign.params import load_params, models_config, project_config, setup_logging, tracking_config, validate_all
+from mmalign.entry import run_entry
+from mmalign.params import load_params, models_config, preflight, project_config, setup_logging, tracking_config
 from mmalign.pipeline import project
 from mmalign.tracking import stage_run
 from mmalign.utils import read_json
@@ -15,8 +16,8 @@ from mmalign.utils import read_json
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--models", "models_dir", type=click.Path(path_type=Path, exists=True), required=True,
-              help="prepare's models dir (models.json names the LLM)")
+@click.option("--llm", "llm_dir", type=click.Path(path_type=Path, exists=True), required=True,
+              help="the llm stage's dir (models.json names the LLM)")
 @click.option("--aligner", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--dataset", type=click.Path(path_type=Path, exists=True), required=True)
@@ -24,18 +25,18 @@ from mmalign.utils import read_json
 @click.option("--plots", type=click.Path(path_type=Path), required=True, help="training curves dir")
 @click.option("--state", type=click.Path(path_type=Path), default=None,
               help="resumable training state dir (not a DVC out, so it survives a killed run)")
-def main(params_path: str, models_dir: Path, aligner: Path, features: Path, dataset: Path, out: Path,
+def main(params_path: str, llm_dir: Path, aligner: Path, features: Path, dataset: Path, out: Path,
          plots: Path, state: Path | None) -> None:
     distributed.init()  # a no-op unless started by `accelerate launch` with several processes
     setup_logging()
     params = load_params(params_path)
-    validate_all(params)
+    preflight(params)
     models, tracking = models_config(params), tracking_config(params)
-    llm_cfg, train_cfg = project_config(params, read_json(models_dir / "models.json")["llm"], models.trust_remote_code)
+    llm_cfg, train_cfg = project_config(params, read_json(llm_dir / "models.json")["llm"], models.trust_remote_code)
     with stage_run("project", tracking.experiment, tracking.required, {"project": params.get("project", {})},
                    params) as tracker:
         project.run(llm_cfg, train_cfg, aligner, features, dataset, out, plots, tracker, state)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, "project")

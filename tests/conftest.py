@@ -39,6 +39,29 @@ TINY_PARAMS = {
 }
 
 
+# Each stage's argv as dvc.yaml runs it (tests call the click commands with these, in this order).
+STAGE_ARGS = {
+    "prepare": ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
+                "--report", "data/prepare_report.json"],
+    "llm": ["--dataset", "data/dataset", "--out", "models/llm"],
+    "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
+    "project": ["--llm", "models/llm", "--aligner", "models/aligner", "--features", "data/features",
+                "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
+    "evaluate": ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
+                 "--projector", "models/projector", "--project-plots", "plots/project", "--dataset", "data/dataset",
+                 "--out", "eval"],
+}
+
+
+def run_stages(params: Path, *names: str) -> None:
+    """Run the named stages' click commands in the current directory (all five by default)."""
+    import importlib
+
+    for name in names or STAGE_ARGS:
+        importlib.import_module(f"stages.{name}").main(["--params", str(params), *STAGE_ARGS[name]],
+                                                       standalone_mode=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_data() -> dict:
     return generate_synthetic(0, 24, 8, 8, image_size=32, captions_per_image=3)
@@ -92,23 +115,13 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A working dir holding a tiny trained pipeline (prepare, align, project on TINY_PARAMS): data/,
-    models/builtin, models/aligner, models/projector. Checkpoints name their models by paths relative to
+    models/builtin, models/llm, models/aligner, models/projector. Checkpoints name their models by paths relative to
     it, so tests chdir into it before loading them."""
-    from stages import align, prepare, project
-
     work = tmp_path_factory.mktemp("checkpoint")
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)))
-    args = {
-        prepare: ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
-                  "--report", "data/prepare_report.json"],
-        align: ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
-        project: ["--models", "models/builtin", "--aligner", "models/aligner", "--features", "data/features",
-                  "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
-    }
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        for stage, argv in args.items():
-            stage.main(["--params", str(params), *argv], standalone_mode=False)
+        run_stages(params, "prepare", "llm", "align", "project")
     return work

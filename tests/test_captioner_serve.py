@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from mmalign import MultimodalLLM, VisionTextAligner
-from mmalign.tracking import example_image_png, log_captioner, stage_run
+from mmalign.captioner import example_image_png, log_captioner
+from mmalign.tracking import stage_run
 
 NAME = "mmalign-captioner"
 MAX_NEW_TOKENS = 12
@@ -130,7 +131,8 @@ def test_served_model_answers_a_post_with_the_generate_caption(registered, tiny_
 
 
 def test_log_into_a_run_by_id_and_model_sources(tiny_checkpoint, tmp_path, monkeypatch):
-    from mmalign.tracking import Tracker, _model_source
+    from mmalign.captioner import _model_source
+    from mmalign.tracking import Tracker
 
     assert log_captioner(Tracker(None), "models/aligner", "models/projector") is None  # tracking off: no-op
     assert _model_source(None, "Qwen/Qwen2.5-1.5B-Instruct", "LLM", Path("p")) == ("id", "Qwen/Qwen2.5-1.5B-Instruct")

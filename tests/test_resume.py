@@ -13,13 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_stages
+from conftest import STAGE_ARGS as ARGS
 from mmalign.aligner import VisionTextAligner
 from mmalign.config import AlignmentConfig
 from mmalign.data.dataset import FeaturePairBatches
 from mmalign.train import train_alignment
-from stages import prepare
-from test_stages import ARGS
 
 
 def _model_and_loader(seed: int = 0):
@@ -97,7 +96,7 @@ def test_align_and_project_killed_with_sigkill_resume(tmp_path, tiny_params_file
     text = tiny_params_file.read_text()
     text = text.replace("num_epochs: 2", "num_epochs: 12").replace("state_every: 50", "state_every: 4")
     tiny_params_file.write_text(text.replace("num_epochs: 1\n", "num_epochs: 4\n"))
-    prepare.main(["--params", str(tiny_params_file), *ARGS["prepare"]], standalone_mode=False)
+    run_stages(tiny_params_file, "prepare", "llm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
     def args(stage: str, out: str, plots: str) -> list[str]:

@@ -13,19 +13,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import deep_update
+from conftest import deep_update, run_stages
 from mmalign.config import PrepareConfig, from_dict
 from mmalign.pipeline.prepare import user_dataset
-from stages import align, evaluate, prepare
 
 N_CAPS = 5
-ARGS = {
-    "prepare": ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
-                "--report", "data/prepare_report.json"],
-    "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
-    "evaluate": ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
-                 "--dataset", "data/dataset", "--out", "eval"],
-}
 
 
 def png(i: int, fmt: str = "PNG") -> bytes:
@@ -100,8 +92,7 @@ def run_pipeline(tmp_path, tiny_params_file, tiny_clip_dir, tiny_llm_dir, shared
             "models": {"vision": str(tiny_clip_dir), "llm": str(tiny_llm_dir)},
             "prepare": prepare_params, "align": {"batch_size": 4}, "evaluate": {"captioning": False}})
         tiny_params_file.write_text(yaml.safe_dump(params))
-        for stage in (prepare, align, evaluate):
-            stage.main(["--params", str(tiny_params_file), *ARGS[stage.__name__.split(".")[-1]]], standalone_mode=False)
+        run_stages(tiny_params_file, "prepare", "align", "evaluate")
         return json.loads((tmp_path / "data/prepare_report.json").read_text())
 
     return run

@@ -7,18 +7,10 @@ import json
 import mlflow
 import pytest
 
-from stages import align, evaluate, prepare, project
+from conftest import STAGE_ARGS, run_stages
+from stages import prepare
 
-ARGS = {
-    "prepare": ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
-                "--report", "data/prepare_report.json"],
-    "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
-    "project": ["--models", "models/builtin", "--aligner", "models/aligner", "--features", "data/features",
-                "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
-    "evaluate": ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
-                 "--projector", "models/projector", "--project-plots", "plots/project", "--dataset", "data/dataset",
-                 "--out", "eval"],
-}
+ARGS = STAGE_ARGS
 KEYS = {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
 CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct"}
 
@@ -27,8 +19,7 @@ CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 def pipeline_dir(tmp_path, tiny_params_file, mlflow_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MMALIGN_TEST_SECRET", "s3cr3t-value")  # must never reach MLflow
-    for name, stage in (("prepare", prepare), ("align", align), ("project", project), ("evaluate", evaluate)):
-        stage.main(["--params", str(tiny_params_file), *ARGS[name]], standalone_mode=False)
+    run_stages(tiny_params_file)
     return tmp_path
 
 
@@ -36,7 +27,7 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     d = pipeline_dir
     assert (d / "data/features/fingerprint.json").exists()
     assert (d / "models/builtin/tiny-clip/config.json").exists()
-    assert (d / "models/builtin/tiny-qwen2/model.safetensors").exists()
+    assert (d / "models/llm/tiny-qwen2/model.safetensors").exists()
     assert (d / "models/aligner/model.safetensors").exists() and (d / "models/projector/model.safetensors").exists()
     report = json.loads((d / "data/prepare_report.json").read_text())
     assert report["splits"]["train"] == {"images": 48, "captions": 48 * 3}
@@ -55,7 +46,7 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     # One MLflow run per stage, grouped by one pipeline tag; evaluate carries all params + figures.
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
     by_stage = {r.data.tags["mmalign.stage"]: r for r in runs}
-    assert set(by_stage) == {"prepare", "align", "project", "evaluate"}
+    assert set(by_stage) == {"prepare", "llm", "align", "project", "evaluate"}
     assert len({r.data.tags["mmalign.pipeline"] for r in runs}) == 1
     ev = by_stage["evaluate"]
     assert ev.data.params["align.d_align"] == "32" and "project.k" in ev.data.params
@@ -113,11 +104,11 @@ def test_pipeline_on_local_models_by_path(tmp_path, tiny_params_file, tiny_clip_
                         "trust_remote_code": False}
     params["prepare"]["vision_pooling"] = "cls"
     tiny_params_file.write_text(yaml.safe_dump(params))
-    for name, stage in (("prepare", prepare), ("align", align), ("project", project), ("evaluate", evaluate)):
-        stage.main(["--params", str(tiny_params_file), *ARGS[name]], standalone_mode=False)
+    run_stages(tiny_params_file)
     report = json.loads((tmp_path / "data/prepare_report.json").read_text())
-    assert report["models"] == {"vision": str(tiny_clip_dir), "text": str(text_dir), "llm": str(tiny_chat_llm_dir)}
+    assert report["models"] == {"vision": str(tiny_clip_dir), "text": str(text_dir)}
+    assert json.loads((tmp_path / "models/llm/models.json").read_text()) == {"llm": str(tiny_chat_llm_dir)}
     assert report["text_dim"] == 32 and report["vision_dim"] == 32
-    assert not (tmp_path / "models/builtin/tiny-clip").exists()  # nothing built when models are given
+    assert not (tmp_path / "models/builtin/tiny-clip").exists() and not (tmp_path / "models/llm/tiny-qwen2").exists()
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS

@@ -4,8 +4,12 @@ The seed's Quick Start API:
     from mmalign import AlignmentConfig, VisionTextAligner, get_device, set_seed
     from mmalign import train_alignment, create_dataloader, ImageTextDataset
     from mmalign import LLMConfig, MultimodalLLM
+
+Names load on first use (PEP 562), so `import mmalign.params` (every stage does) does not pull in
+torch models it never uses, and each DVC stage's import closure stays the modules it really needs.
 """
 
+import importlib
 import os
 
 # OpenMP threads that spin while waiting stall badly when another process shares the cores (two
@@ -13,15 +17,23 @@ import os
 # with passive waiting, and 1.82 s vs 1.88 s on an idle machine. Only effective before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .aligner import VisionTextAligner  # noqa: E402
-from .config import AlignmentConfig, LLMConfig, LoRAConfig  # noqa: E402
-from .data.dataset import ImageTextDataset, create_dataloader  # noqa: E402
-from .llm import MultimodalLLM, VisionToLLMProjector  # noqa: E402
-from .train import train_alignment, train_projector  # noqa: E402
-from .utils import get_device, set_seed  # noqa: E402
-
-__all__ = [
-    "AlignmentConfig", "VisionTextAligner", "get_device", "set_seed", "train_alignment", "create_dataloader",
-    "ImageTextDataset", "LLMConfig", "LoRAConfig", "MultimodalLLM", "VisionToLLMProjector", "train_projector",
-]
+_EXPORTS = {
+    "VisionTextAligner": "aligner", "AlignmentConfig": "config", "LLMConfig": "config", "LoRAConfig": "config",
+    "ImageTextDataset": "data.dataset", "create_dataloader": "data.dataset", "MultimodalLLM": "llm",
+    "VisionToLLMProjector": "llm", "train_alignment": "train", "train_projector": "train",
+    "get_device": "utils", "set_seed": "utils",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmalign' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

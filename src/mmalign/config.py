@@ -14,8 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .tiny_llm import TinyLLMSpec
-
 T = TypeVar("T")
 
 BUILTIN_VISION = "builtin:tiny-clip"
@@ -108,6 +106,51 @@ class TinyCLIPConfig:
         _at_least_one(s, self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size")
         if self.hidden_size % self.num_heads:
             _fail(s, "hidden_size", self.hidden_size, f"must be divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class TinyLLMSpec:
+    """Architecture and pretraining recipe of the tiny LLM; identical specs give identical weights.
+
+    vocab_size: target BPE vocabulary (>= 256 bytes + special tokens); a small corpus may yield fewer.
+    hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: Qwen2 shape (GQA:
+        num_heads % num_kv_heads == 0; head dim hidden_size / num_heads must be even for RoPE).
+    max_position_embeddings: context length; longer captions are truncated in pretraining.
+    steps, batch_size, lr: AdamW optimiser steps, sequences per step, peak learning rate (cosine).
+    seed: weight init and batch sampling. chat_template: add ChatML tokens + template.
+    """
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        # 256 byte tokens + BOS, EOS, PAD (+ <|im_start|>, <|im_end|> with the chat template), see tiny_llm.py
+        minimum = {"vocab_size": 256 + (5 if self.chat_template else 3), "max_position_embeddings": 4}
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings", "steps", "batch_size"):
+            value, low = getattr(self, name), minimum.get(name, 1)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"TinyLLMSpec.{name} must be an integer >= {low}, got {value!r}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"TinyLLMSpec.hidden_size must be a multiple of num_heads with an even head dim "
+                             f"(RoPE), got hidden_size={self.hidden_size}, num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TinyLLMSpec.num_kv_heads must divide num_heads, "
+                             f"got num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"TinyLLMSpec.lr must be in (0, 1), got {self.lr!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"TinyLLMSpec.seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass

@@ -62,6 +62,17 @@ def validate_all(params: dict[str, Any]) -> None:
     project_config(params, "unused"), evaluate_config(params), tracking_config(params)
 
 
+def preflight(params: dict[str, Any], data: bool = False) -> None:
+    """Validate every section, then check every model id (and with `data`, the data source) in seconds:
+    each stage calls this before any work, so a bad id stops the first stage that runs."""
+    from .preflight import check_data, check_models
+
+    validate_all(params)
+    check_models(models_config(params))
+    if data:
+        check_data(prepare_config(params))
+
+
 def setup_logging() -> None:
     level = os.environ.get("MMALIGN_LOG_LEVEL", "INFO").upper()
     if int(os.environ.get("RANK", 0)) > 0:  # the other ranks of `accelerate launch`: warnings and errors only

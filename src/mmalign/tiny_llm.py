@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from .config import TinyLLMSpec  # noqa: F401 (re-exported: the spec lives with the other configs)
 from .utils import atomic_path
 from .utils import progress as progress_bar
 
@@ -45,50 +45,6 @@ CHATML_TEMPLATE = (
 QWEN2_SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-
-
-@dataclass
-class TinyLLMSpec:
-    """Architecture and pretraining recipe of the tiny LLM; identical specs give identical weights.
-
-    vocab_size: target BPE vocabulary (>= 256 bytes + special tokens); a small corpus may yield fewer.
-    hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: Qwen2 shape (GQA:
-        num_heads % num_kv_heads == 0; head dim hidden_size / num_heads must be even for RoPE).
-    max_position_embeddings: context length; longer captions are truncated in pretraining.
-    steps, batch_size, lr: AdamW optimiser steps, sequences per step, peak learning rate (cosine).
-    seed: weight init and batch sampling. chat_template: add ChatML tokens + template.
-    """
-
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    max_position_embeddings: int = 256
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    chat_template: bool = False
-
-    def __post_init__(self) -> None:
-        minimum = {"vocab_size": 256 + len(_special_tokens(self.chat_template)), "max_position_embeddings": 4}
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "max_position_embeddings", "steps", "batch_size"):
-            value, low = getattr(self, name), minimum.get(name, 1)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"TinyLLMSpec.{name} must be an integer >= {low}, got {value!r}")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"TinyLLMSpec.hidden_size must be a multiple of num_heads with an even head dim "
-                             f"(RoPE), got hidden_size={self.hidden_size}, num_heads={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"TinyLLMSpec.num_kv_heads must divide num_heads, "
-                             f"got num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise ValueError(f"TinyLLMSpec.lr must be in (0, 1), got {self.lr!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"TinyLLMSpec.seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 def _special_tokens(chat_template: bool) -> list[str]:

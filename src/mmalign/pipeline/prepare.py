@@ -1,5 +1,7 @@
-"""prepare: dataset (synthetic, hf or imagefolder) -> HF `datasets` on disk; builtin stand-in models;
-frozen-encoder feature cache; a report with split sizes and bad samples skipped by reason."""
+"""prepare: dataset (synthetic, hf or imagefolder) -> HF `datasets` on disk; the builtin stand-in vision
+tower; frozen-encoder feature cache; a report with split sizes and bad samples skipped by reason.
+
+The LLM is not touched here (stage `llm`), so changing it never re-extracts a feature."""
 
 from __future__ import annotations
 
@@ -10,12 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..config import BUILTIN_LLM, BUILTIN_VISION, ModelsConfig, PrepareConfig
+from ..config import BUILTIN_VISION, ModelsConfig, PrepareConfig
 from ..data.samples import clean_split
 from ..data.sources import check_not_empty, load_source, split_sizes
 from ..encoders import FrozenTextEncoder, FrozenVisionEncoder, build_tiny_clip
 from ..features import build_feature_cache
-from ..tiny_llm import build_tiny_llm, caption_documents
 from ..utils import atomic_path, get_device, write_json
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,14 @@ def user_dataset(cfg: PrepareConfig, work_dir: Path) -> tuple[Any, dict[str, int
     return datasets.DatasetDict(splits), dict(sorted(skipped.items()))
 
 
-def build_models(models: ModelsConfig, cfg: PrepareConfig, train_captions: list[list[str]], out_dir: Path
-                 ) -> dict[str, str]:
-    """Build the `builtin:` stand-ins into out_dir; return the resolved name/path of every model."""
-    resolved = {"vision": models.vision, "text": models.text, "llm": models.llm}
+def build_models(models: ModelsConfig, cfg: PrepareConfig, out_dir: Path) -> dict[str, str]:
+    """Build the `builtin:` vision stand-in into out_dir; return the resolved name/path of both encoders."""
+    resolved = {"vision": models.vision, "text": models.text}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         if models.vision == BUILTIN_VISION:
             build_tiny_clip(tmp / "tiny-clip", cfg.tiny_clip, cfg.image_size)
             resolved["vision"] = str(out_dir / "tiny-clip")
-        if models.llm == BUILTIN_LLM:
-            docs = caption_documents(train_captions, cfg.tiny_llm.seed)
-            stats = build_tiny_llm(docs, tmp / "tiny-qwen2", cfg.tiny_llm)
-            log.info("tiny LLM pretrained: loss %.3f -> %.3f", stats["initial_loss"], stats["final_loss"])
-            resolved["llm"] = str(out_dir / "tiny-qwen2")
         (tmp / "models.json").write_text(json.dumps(resolved, indent=2) + "\n")
     return resolved
 
@@ -82,7 +77,7 @@ def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir:
         dataset.save_to_disk(str(tmp))
 
     dataset = datasets.load_from_disk(str(dataset_dir))  # re-open: fingerprints/images now come from disk
-    resolved = build_models(models, cfg, dataset["train"]["captions"], models_dir)
+    resolved = build_models(models, cfg, models_dir)
     vision = FrozenVisionEncoder(resolved["vision"], models.trust_remote_code, cfg.vision_pooling, cfg.vision_grid)
     text = FrozenTextEncoder(resolved["text"], models.trust_remote_code)
     vision.to(get_device())

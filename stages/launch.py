@@ -1,0 +1,39 @@
+"""`accelerate launch` for the training stages (dvc.yaml: `python stages/launch.py STAGE.py ARGS`).
+
+Runs the stage through accelerate with configs/accelerate.yaml. A stage that fails ends the output
+with its own one-line error (each rank writes it to MMALIGN_ERROR_DIR), not torch elastic's
+multi-screen ChildFailedError dump; `MMALIGN_DEBUG=1` keeps the dump.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIG = "configs/accelerate.yaml"
+
+
+def main(argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    with tempfile.TemporaryDirectory(prefix="mmalign-errors-") as errors:
+        os.environ["MMALIGN_ERROR_DIR"] = errors
+        args = launch_command_parser().parse_args(["--config_file", CONFIG, "--quiet", *argv])
+        try:
+            launch_command(args)
+        except (Exception, SystemExit) as e:  # ChildFailedError (N processes), CalledProcessError / exit (1)
+            if isinstance(e, SystemExit) and not e.code:
+                return 0
+            lines = [p.read_text().strip() for p in sorted(Path(errors).glob("rank*.txt"))]
+            if os.environ.get("MMALIGN_DEBUG") or not lines:
+                raise
+            sys.stderr.flush()
+            print(f"ERROR: {lines[0]}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
