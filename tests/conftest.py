@@ -53,13 +53,14 @@ STAGE_ARGS = {
 }
 
 
-def run_stages(params: Path, *names: str) -> None:
-    """Run the named stages' click commands in the current directory (all five by default)."""
+def run_stages(params: Path, *names: str, args: dict[str, list[str]] | None = None) -> None:
+    """Run the named stages' click commands in the current directory (all five by default); `args`
+    replaces a stage's argv."""
     import importlib
 
     for name in names or STAGE_ARGS:
-        importlib.import_module(f"stages.{name}").main(["--params", str(params), *STAGE_ARGS[name]],
-                                                       standalone_mode=False)
+        argv = (args or {}).get(name, STAGE_ARGS[name])
+        importlib.import_module(f"stages.{name}").main(["--params", str(params), *argv], standalone_mode=False)
 
 
 @pytest.fixture(scope="session")

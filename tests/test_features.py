@@ -193,5 +193,5 @@ def test_streamed_rows_of_a_truncated_file_say_so(cache, tmp_path):
     rows = features.StreamedRows(f, "vision")
     f.write_bytes(f.read_bytes()[: rows.offset + rows.row_bytes * 2])
     assert rows[0:2].shape[0] == 2
-    with pytest.raises(ValueError, match="truncated.*dvc repro prepare"):
+    with pytest.raises(ValueError, match="truncated.*dvc repro --force -s prepare"):
         rows[0:3]

@@ -18,6 +18,8 @@ from mmalign.config import PrepareConfig, from_dict
 from mmalign.pipeline.prepare import user_dataset
 
 N_CAPS = 5
+RETRIEVAL_ONLY = ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
+                  "--dataset", "data/dataset", "--out", "eval"]
 
 
 def png(i: int, fmt: str = "PNG") -> bytes:
@@ -92,7 +94,7 @@ def run_pipeline(tmp_path, tiny_params_file, tiny_clip_dir, tiny_llm_dir, shared
             "models": {"vision": str(tiny_clip_dir), "llm": str(tiny_llm_dir)},
             "prepare": prepare_params, "align": {"batch_size": 4}, "evaluate": {"captioning": False}})
         tiny_params_file.write_text(yaml.safe_dump(params))
-        run_stages(tiny_params_file, "prepare", "align", "evaluate")
+        run_stages(tiny_params_file, "prepare", "align", "evaluate", args={"evaluate": RETRIEVAL_ONLY})
         return json.loads((tmp_path / "data/prepare_report.json").read_text())
 
     return run
@@ -152,6 +154,7 @@ def test_image_folder_with_csv_one_split_and_bad_files_skipped(tmp_path, run_pip
     assert report["skipped"] == {"empty_caption": 1, "empty_file": 1, "missing_file": 1, "truncated_image": 1,
                                  "unreadable_image": 1}
     n = {k: v["images"] for k, v in report["splits"].items()}
+    assert n == {"train": 8, "val": 4, "test": 4}  # bad files go before the 0.5/0.25/0.25 split, not after
     assert sum(n.values()) == 16 and all(v["captions"] == N_CAPS * v["images"] for v in report["splits"].values())
     check_outputs(tmp_path, n)
     prep = [r for r in mlflow.search_runs(experiment_names=["mmalign"], output_format="list")

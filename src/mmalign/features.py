@@ -62,7 +62,8 @@ class StreamedRows:
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")
         got = os.preadv(self._fd, [view], self.offset + start * self.row_bytes)
         if got != rows * self.row_bytes:
-            raise ValueError(f"feature cache file {self.path} is truncated: re-run `dvc repro prepare`")
+            raise ValueError(f"feature cache file {self.path} is truncated: rebuild it with "
+                             "`dvc repro --force -s prepare`")
 
     def __getitem__(self, index: int | slice | torch.Tensor) -> torch.Tensor:
         if isinstance(index, int):
@@ -239,7 +240,8 @@ def load_features(cache_dir: str | Path, split: str, stream: bool = False) -> Fe
         raise ValueError(f"feature cache {cache_dir} has no split '{split}' (has: {', '.join(meta.get('files', {}))})")
     f = cache_dir / f"{split}.safetensors"
     if sha256(f) != meta["files"][split]["sha256"]:
-        raise ValueError(f"feature cache file {f} does not match its checksum: re-run `dvc repro prepare` to rebuild it")
+        raise ValueError(f"feature cache file {f} does not match its checksum: rebuild it with "
+                         "`dvc repro --force -s prepare` (DVC cannot see damage that keeps size and mtime)")
     if stream:
         with safe_open(f, framework="pt") as st:
             t2i = st.get_tensor("text_to_image")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -127,16 +127,13 @@ def ratio_split(ds: Any, ratios: list[float], seed: int) -> dict[str, Any]:
     return {role: ds.select(order[a:b]) for role, (a, b) in bounds.items()}
 
 
-def pick_splits(found: dict[str, Any], names: SplitNames, ratios: list[float], seed: int, where: str) -> dict[str, Any]:
-    """The source's splits named by prepare.splits, or its only split divided by prepare.split_ratios."""
+def pick_splits(found: dict[str, Any], names: SplitNames, where: str) -> dict[str, Any] | None:
+    """The source's splits named by prepare.splits; None when it has one split (to divide by ratio)."""
     wanted = {role: getattr(names, role) for role in ROLES}
     if all(name in found for name in wanted.values()):
         return {role: found[name] for role, name in wanted.items()}
     if len(found) == 1:
-        (name, ds), = found.items()
-        log.info("%s has one split ('%s', %d images): dividing it %s into train/val/test (prepare.split_ratios)",
-                 where, name, len(ds), ratios)
-        return ratio_split(ds, ratios, seed)
+        return None
     missing = ", ".join(f"prepare.splits.{r}={n!r}" for r, n in wanted.items() if n not in found)
     raise ValueError(f"{where} has splits {split_sizes(found)}; not found: {missing}. Fix: map prepare.splits."
                      "train/val/test to existing splits (or prepare.hf.split_column values), or use a source with "
@@ -155,8 +152,14 @@ def check_not_empty(splits: dict[str, Any], where: str, after: str = "") -> None
                              "add data, or change prepare.splits / prepare.split_ratios")
 
 
-def load_source(cfg: PrepareConfig) -> tuple[dict[str, Any], str]:
-    """(raw {train, val, test} splits with columns id, image, captions; a description of the source)."""
+def load_source(cfg: PrepareConfig, clean: Callable[[Any, str], Any] | None = None) -> tuple[dict[str, Any], str]:
+    """(raw {train, val, test} splits with columns id, image, captions; a description of the source).
+
+    `clean(split, role)` drops bad samples; a source with a single split is cleaned before it is divided
+    by prepare.split_ratios, so every split gets its share of good samples. The caller checks that no
+    split is left empty (it knows what was skipped).
+    """
+    clean = clean or (lambda ds, role: ds)
     if cfg.source == "imagefolder":
         where = f"image folder {cfg.imagefolder.path}"
         found = read_imagefolder(Path(cfg.imagefolder.path).expanduser(), cfg.imagefolder.caption_column)
@@ -169,8 +172,17 @@ def load_source(cfg: PrepareConfig) -> tuple[dict[str, Any], str]:
             found = by_column(found, hf.split_column)
             where += f" split by column '{hf.split_column}'"
         found = {name: standardize(ds, hf, name, f"{where}, split '{name}'") for name, ds in found.items()}
-    splits = pick_splits(found, cfg.splits, cfg.split_ratios, cfg.seed, where)
-    if cfg.max_samples is not None:
-        splits = {role: ds.select(range(min(cfg.max_samples, len(ds)))) for role, ds in splits.items()}
-    check_not_empty(splits, where)
+    limit = (lambda ds: ds.select(range(min(cfg.max_samples, len(ds))))) if cfg.max_samples else (lambda ds: ds)
+    splits = pick_splits(found, cfg.splits, where)
+    if splits is not None:
+        splits = {role: limit(ds) for role, ds in splits.items()}
+        check_not_empty(splits, where)
+        splits = {role: clean(ds, role) for role, ds in splits.items()}
+    else:
+        (name, ds), = found.items()
+        check_not_empty(found, where)
+        ds = clean(ds, "all")
+        log.info("%s has one split ('%s', %d good images): dividing it %s into train/val/test "
+                 "(prepare.split_ratios)", where, name, len(ds), cfg.split_ratios)
+        splits = {role: limit(part) for role, part in ratio_split(ds, cfg.split_ratios, cfg.seed).items()}
     return splits, where

@@ -43,17 +43,32 @@ def val_retrieval(model: VisionTextAligner, feats: Features) -> dict[str, float]
     return out
 
 
+def clamp_batch_size(cfg: AlignmentConfig, n_images: int, world: int) -> AlignmentConfig:
+    """A batch larger than the training split (small data on the defaults) shrinks to the split, with a
+    warning; under N processes it must stay a multiple of N (each rank takes an equal share)."""
+    if n_images < max(2, world):
+        raise ValueError(f"align needs at least {max(2, world)} training images (a contrastive batch needs "
+                         f"negatives), the feature cache has {n_images}: add data or change prepare.split_ratios")
+    size = cfg.batch_size
+    if size > n_images:
+        size = n_images // world * world
+        log.warning("align.batch_size=%d is larger than the %d training images: training with batches of %d",
+                    cfg.batch_size, n_images, size)
+    if size % world:
+        raise ValueError(f"align.batch_size={size} must be a multiple of the {world} processes (each rank takes an "
+                         "equal share of the global batch)")
+    return dataclasses.replace(cfg, batch_size=size)
+
+
 def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path, tracker: Any,
         state_dir: Path | None = None) -> dict[str, Any]:
     fp = read_json(features_dir / "fingerprint.json")
     cfg = dataclasses.replace(cfg, vision_model_name=fp["vision_model"], text_model_name=fp["text_model"],
                               vision_dim=fp["vision_dim"], text_dim=fp["text_dim"],
                               vision_pooling=fp["vision_pooling"], vision_grid=fp["vision_grid"])
-    if cfg.batch_size % distributed.world_size():
-        raise ValueError(f"align.batch_size={cfg.batch_size} must be a multiple of the {distributed.world_size()} "
-                         "processes (each rank takes an equal share of the global batch)")
     # Streamed: a batch of features in memory at a time, however large the cache (benchmarks/bench_memory.py).
     train, val = load_features(features_dir, "train", stream=True), load_features(features_dir, "val", stream=True)
+    cfg = clamp_batch_size(cfg, train.num_images, distributed.world_size())
     set_seed(cfg.seed)
     model = VisionTextAligner(cfg).to(cfg.device)
     loader = FeaturePairBatches(train.vision, train.text, train.text_to_image, cfg.batch_size, seed=cfg.seed)

@@ -45,12 +45,15 @@ def user_dataset(cfg: PrepareConfig, work_dir: Path) -> tuple[Any, dict[str, int
     """An hf / imagefolder source as a checked `datasets.DatasetDict` (id, image, captions) + skipped counts."""
     import datasets
 
-    raw, where = load_source(cfg)
-    splits, skipped = {}, Counter()
-    for role, split in raw.items():
-        splits[role], counts = clean_split(split, role, cfg.on_bad_sample, work_dir / f"{role}.arrow", cfg.num_workers)
+    skipped: Counter = Counter()
+
+    def clean(split: Any, role: str) -> Any:
+        good, counts = clean_split(split, role, cfg.on_bad_sample, work_dir / f"{role}.arrow", cfg.num_workers)
         skipped.update(counts)
-    check_not_empty(splits, where, after=f" left after skipping bad samples ({dict(skipped)})")
+        return good
+
+    splits, where = load_source(cfg, clean)
+    check_not_empty(splits, where, after=f" left after skipping bad samples ({dict(skipped)})" if skipped else "")
     log.info("%s: %s images (%d bad samples skipped)", where, split_sizes(splits), sum(skipped.values()))
     return datasets.DatasetDict(splits), dict(sorted(skipped.items()))
 
