@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def stages_run(log: str) -> list[str]:
 
 def test_dvc_repro_end_to_end(repo):
     log = sh([*DVC, "repro"], repo)
-    assert stages_run(log) == ["prepare", "align", "project", "evaluate"]
+    assert sorted(stages_run(log)) == ["align", "evaluate", "llm", "prepare", "project"]
+    assert stages_run(log)[0] == "prepare" and stages_run(log)[-1] == "evaluate"
     metrics = json.loads((repo / "eval/metrics.json").read_text())
     assert {"retrieval", "captioning"} <= set(metrics)
     assert (repo / "mlflow.db").exists() and any((repo / "mlartifacts").rglob("*.png"))
@@ -76,6 +78,34 @@ def test_dvc_repro_end_to_end(repo):
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
     tagged = {r.data.tags["mmalign.stage"] for r in runs if r.data.tags.get("dvc.exp_name") == "lr-test"}
     assert tagged == {"align", "project", "evaluate"}
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def test_changing_the_llm_extracts_no_feature(repo, tiny_llm_dir):
+    """`-S models.llm=<another local LLM>` re-runs llm, project and evaluate; the feature cache is untouched."""
+    features = [o for o in _lock(repo)["prepare"]["outs"] if o["path"] == "data/features"]
+    log = sh([*DVC, "exp", "run", "-S", f"models.llm={tiny_llm_dir}", "--name", "other-llm"], repo)
+    assert stages_run(log) == ["llm", "project", "evaluate"]
+    assert "extract" not in log.lower()
+    assert [o for o in _lock(repo)["prepare"]["outs"] if o["path"] == "data/features"] == features
+    assert yaml.safe_load((repo / "models/llm/models.json").read_text()) == {"llm": str(tiny_llm_dir)}
+    sh(["git", "checkout", "params.yaml"], repo)
+
+
+@pytest.mark.parametrize("key", ["models.llm", "models.vision"])  # llm first: a failed stage loses its outs
+def test_a_bad_model_id_fails_dvc_repro_in_seconds(repo, key):
+    start = time.monotonic()
+    out = subprocess.run([*DVC, "exp", "run", "-S", f"{key}=nonexistent-org/nonexistent-model-xyz"], cwd=repo,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    sh(["git", "checkout", "params.yaml"], repo)
+    assert out.returncode != 0
+    assert f"ERROR: {'prepare' if key == 'models.vision' else 'llm'} failed: {key}='nonexistent-org/" \
+           f"nonexistent-model-xyz'" in out.stderr, out.stderr[-2000:]
+    assert took < 20, took
 
 
 def test_dvc_repro_with_two_processes(repo):
@@ -101,9 +131,8 @@ def test_dvc_repro_with_two_processes(repo):
 
 
 def test_queued_experiments_in_parallel_lose_no_run(repo):
-    """4 queued experiments, 2 at a time, all log complete runs into the workspace's one mlflow.db."""
-    import time
-
+    """4 queued experiments, 2 at a time, all log complete runs into the workspace's one mlflow.db;
+    DVC compares their metrics and plots."""
     import mlflow
 
     names = [f"q{i}" for i in range(4)]
@@ -131,3 +160,15 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
             if r.data.tags["mmalign.stage"] == "evaluate" and r.info.status == "FINISHED"
             and "retrieval.i2t.R_at_1" in r.data.metrics}
     assert set(names) <= done
+
+    # The experiment commits carry the metrics and plots: DVC shows and diffs them.
+    shown = json.loads(sh([*DVC, "exp", "show", "--json"], repo))
+    exps = {e["name"]: e for row in shown for e in [row, *[x for ex in row.get("experiments") or []
+                                                         for x in ex.get("revs", [])]] if e.get("name")}
+    for name in names[:2]:
+        metrics = exps[name]["data"]["metrics"]["eval/metrics.json"]["data"]
+        assert metrics["retrieval"]["i2t"]["R@1"] >= 0, name
+    diff = json.loads(sh([*DVC, "metrics", "diff", names[0], names[1], "--json"], repo))
+    assert "retrieval.i2t.R@1" in diff["eval/metrics.json"]
+    plots = sh([*DVC, "plots", "diff", names[0], names[1], "--json"], repo)
+    assert "recall_by_dim" in plots and "align_loss" in plots

@@ -63,7 +63,7 @@ def _stage(args: list[str], cwd, launcher: bool = False) -> subprocess.Completed
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("processes", [0, 2], ids=["python", "accelerate-2-processes"])
+@pytest.mark.parametrize("processes", [0, 1, 2], ids=["python", "accelerate-1-process", "accelerate-2-processes"])
 def test_a_param_error_is_the_last_line(tmp_path, tiny_params_file, processes):
     """The same one line ends the output of a plain stage and of `accelerate launch` with 2 processes."""
     params = yaml.safe_load(tiny_params_file.read_text())
