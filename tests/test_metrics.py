@@ -1,4 +1,8 @@
+import itertools
+import math
 import threading
+import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -26,35 +30,99 @@ def _brute_force(img, txt, owner):
     return i2t, t2i
 
 
+def _old_summary(ranks, ks=(1, 5, 10)):
+    """What recall_summary computed before ties were kept: plain fractions and mean of integer ranks."""
+    r = torch.tensor(ranks, dtype=torch.float64)
+    return {**{f"R@{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean())}
+
+
 @pytest.mark.parametrize("chunk", [1024, 3])
-def test_ranks_match_brute_force(chunk):
+def test_ranks_without_ties_match_brute_force_and_old_values(chunk):
     img, txt, owner = _random_set()
     i2t, t2i = retrieval_ranks(img, txt, owner, chunk=chunk)
     want_i2t, want_t2i = _brute_force(img, txt, owner.tolist())
-    assert i2t.tolist() == want_i2t and t2i.tolist() == want_t2i
     for got, want in ((i2t, want_i2t), (t2i, want_t2i)):
-        summary = recall_summary(got)
-        for k in (1, 5, 10):
-            assert summary[f"R@{k}"] == pytest.approx(sum(r <= k for r in want) / len(want))
-        assert summary["mean_rank"] == pytest.approx(sum(want) / len(want))
+        assert (got.above + 1).tolist() == want and got.pos.tolist() == [1] * len(want)
+        assert got.neg.tolist() == [0] * len(want)
+        assert recall_summary(got) == _old_summary(want)  # bit for bit: no tie, no change
+        assert recall_summary(torch.tensor(want)) == _old_summary(want)
 
 
-def test_perfect_embeddings_and_ties():
+def _expected_by_enumeration(above, pos, neg, ks):
+    """Exact expectation over every placement of the positives in the tied block (Fractions)."""
+    placements = list(itertools.combinations(range(1, pos + neg + 1), pos))
+    first = [above + min(c) for c in placements]  # rank of the first positive in each placement
+    out = {f"R@{k}": Fraction(sum(r <= k for r in first), len(first)) for k in ks}
+    out["mean_rank"] = Fraction(sum(first), len(first))
+    return out
+
+
+def test_tied_ranks_match_enumeration_of_tie_breaks():
+    # integer embeddings in {0, 1}: scores are small exact integers, so many ties of every kind
+    g = torch.Generator().manual_seed(3)
+    owner = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])
+    img = torch.randint(0, 2, (6, 3), generator=g).double()
+    txt = torch.randint(0, 2, (len(owner), 3), generator=g).double()
+    ks = (1, 2, 3, 5)
+    i2t, t2i = retrieval_ranks(img, txt, owner, chunk=4)
+    assert (i2t.pos > 1).any()  # several of an image's captions tie for its best score
+    for ranks in (i2t, t2i):
+        assert (ranks.neg > 0).any(), "the set should contain ties"
+        want = [_expected_by_enumeration(*map(int, q), ks) for q in zip(*ranks)]
+        got = recall_summary(ranks, ks)
+        for key in got:
+            assert got[key] == pytest.approx(float(sum(w[key] for w in want) / len(want)), abs=1e-12)
+
+
+def test_perfect_embeddings_score_one():
     img, _, owner = _random_set()
-    img[1] = img[0]  # a duplicate image: ties count in the query's favour, so still rank 1
     out = retrieval_metrics(img, img[owner], owner)
-    assert out["i2t"]["R@1"] == out["t2i"]["R@1"] == 1.0
-    assert out["i2t"]["median_rank"] == out["t2i"]["mean_rank"] == 1.0
+    assert out["i2t"] == out["t2i"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mean_rank": 1.0}
 
 
-def test_recall_summary_median_is_numpy_median():
-    assert recall_summary(torch.tensor([1, 2, 7, 9]))["median_rank"] == 4.5
+def test_duplicate_images_split_the_credit():
+    owner = torch.tensor([0, 1, 2, 2])
+    img = torch.eye(3, dtype=torch.float64)
+    img[1] = img[0]  # images 0 and 1 identical: each of their captions ties between them
+    t2i = recall_summary(retrieval_ranks(img, img[owner], owner)[1], ks=(1,))
+    assert t2i == {"R@1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4}
+
+
+@pytest.mark.parametrize("counts", [[1] * 7, [3] * 5, [1, 3, 5, 1, 5, 3, 3, 1]])
+def test_collapsed_model_scores_exactly_chance(counts):
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    owner = owner[torch.randperm(len(owner), generator=torch.Generator().manual_seed(0))]
+    same = torch.full((1, 4), 0.5)  # all embeddings equal (exact dyadic scores: ties are exact)
+    out = retrieval_metrics(same.expand(len(counts), 4), same.expand(len(owner), 4), owner)
+    assert out == chance_retrieval(owner, len(counts))
+    assert out["t2i"]["R@1"] == pytest.approx(1 / len(counts)) and out["i2t"]["R@1"] < 1
+
+
+def test_collapsed_model_on_a_large_set_is_fast_and_chance():
+    owner = torch.arange(1000).repeat_interleave(5)  # M = 5000 texts, all tied
+    same = torch.full((1, 8), 0.25)
+    t0 = time.perf_counter()
+    out = retrieval_metrics(same.expand(1000, 8), same.expand(5000, 8), owner)
+    assert time.perf_counter() - t0 < 10
+    assert out == chance_retrieval(owner, 1000)
+    assert out["i2t"]["R@1"] == pytest.approx(5 / 5000) and out["i2t"]["mean_rank"] == pytest.approx(5001 / 6)
 
 
 def test_chance_one_caption_each_is_uniform():
     out = chance_retrieval(torch.arange(10), 10)
     for d in ("i2t", "t2i"):
-        assert out[d] == pytest.approx({"R@1": 0.1, "R@5": 0.5, "R@10": 1.0, "mean_rank": 5.5, "median_rank": 5.5})
+        assert out[d] == pytest.approx({"R@1": 0.1, "R@5": 0.5, "R@10": 1.0, "mean_rank": 5.5}, abs=1e-12)
+
+
+def test_chance_matches_the_closed_form():
+    # the best of c positives among m in random order: P(rank <= k) = 1 - C(m-c, k) / C(m, k), E = (m+1)/(c+1)
+    _, _, owner = _random_set(n_images=20)
+    m, counts = len(owner), torch.bincount(owner).tolist()
+    out = chance_retrieval(owner, 20)["i2t"]
+    for k in (1, 5, 10):
+        want = sum(1 - Fraction(math.comb(m - c, k), math.comb(m, k)) for c in counts) / 20
+        assert out[f"R@{k}"] == pytest.approx(float(want), abs=1e-12)
+    assert out["mean_rank"] == pytest.approx(float(sum(Fraction(m + 1, c + 1) for c in counts) / 20), abs=1e-12)
 
 
 def test_chance_matches_monte_carlo():

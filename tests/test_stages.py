@@ -19,7 +19,7 @@ ARGS = {
                  "--projector", "models/projector", "--project-plots", "plots/project", "--dataset", "data/dataset",
                  "--out", "eval"],
 }
-KEYS = {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+KEYS = {"R@1", "R@5", "R@10", "mean_rank"}
 CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct"}
 
 
