@@ -151,31 +151,80 @@ REFS = {
 }
 
 
-def _call_with_timeout(preds, refs, timeout=120):
+def _call_with_timeout(fn, preds, refs, timeout=120):
     # a METEOR input with a stray newline would block forever on the java pipe; fail instead
     out = {}
-    t = threading.Thread(target=lambda: out.update(caption_metrics(preds, refs)), daemon=True)
+    t = threading.Thread(target=lambda: out.update(fn(preds, refs)), daemon=True)
     t.start()
     t.join(timeout)
-    assert not t.is_alive(), "caption_metrics hung"
+    assert not t.is_alive(), f"{fn.__name__} hung"
     return out
+
+
+def _direct_pycocoevalcap(preds, refs):
+    """The standard path, as COCOEvalCap.evaluate runs it: tokenize gts and res, then the four scorers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in r] for i, r in refs.items()})
+    res = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in preds.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+        out[name] = float(scorer.compute_score(gts, res)[0])
+    return out
+
+
+# Edge cases the standard path scores without trouble: "|" stays a token ("|||" becomes "| | |"),
+# "" and all-punctuation captions score as empty, "\n" and \x85 are spaces, blank references count.
+EDGE_PREDS = {"1": "a dog | runs ||| on grass", "2": "", "3": "!!! ...", "4": "|||", "5": "|",
+              "6": "a red\nbus\x85at the station", "7": "a plate |||of pasta"}
+EDGE_REFS = {**REFS, "5": ["a cat | on a mat", "", "a cat ||| sits"], "6": ["a bus\nat a stop", "..."],
+             "7": ["pasta on a plate", "spaghetti"]}
+# These end a line in the PTB jar: a direct call shifts every later caption onto the wrong id.
+LINE_BREAKS = "\r\x0b\x0c\u2028\u2029"
 
 
 @pytest.fixture(scope="module")
 def caption_scores():
-    """Only two real calls: each starts the METEOR JVM, ~7 s on a 2-core box."""
-    good = _call_with_timeout({i: r[0] for i, r in REFS.items()}, REFS)
-    bad = {"1": "purple\nelephant | sings ||| loudly\r\u2028tonight", "2": "", "3": "!!!", "4": "zebra zebra zebra"}
-    return good, _call_with_timeout(bad, REFS)
+    """Three scorings on one METEOR JVM (each start takes ~7 s on a 2-core box); Meteor is stateless
+    between compute_score calls."""
+    from pycocoevalcap.meteor import meteor
+
+    shared = meteor.Meteor()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(meteor, "Meteor", lambda: shared)
+        good = _call_with_timeout(caption_metrics, {i: r[0] for i, r in REFS.items()}, REFS)
+        edge = _call_with_timeout(caption_metrics, EDGE_PREDS, EDGE_REFS)
+        direct = _call_with_timeout(_direct_pycocoevalcap, EDGE_PREDS, EDGE_REFS)
+    return good, edge, direct
 
 
 def test_caption_metrics_identical_beats_nonsense(caption_scores):
-    good, bad = caption_scores
-    assert set(good) == set(bad) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    good, edge, _ = caption_scores
+    assert set(good) == set(edge) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert good["BLEU-4"] == pytest.approx(1.0, abs=1e-3) and good["ROUGE-L"] == pytest.approx(1.0)
     assert good["CIDEr"] > 2.0
-    assert bad["BLEU-4"] < 0.01 and bad["CIDEr"] < 0.1
-    assert all(good[k] > bad[k] + 0.3 for k in good)
+    assert all(good[k] > edge[k] + 0.2 for k in good)
+
+
+def test_caption_metrics_equal_a_direct_pycocoevalcap_call_on_edge_cases(caption_scores):
+    _, edge, direct = caption_scores
+    assert edge == direct  # exactly: same tokens, same scorers
+
+
+def test_line_breaks_the_ptb_jar_splits_on_are_spaces_like_newline(caplog):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    caps = {**{f"c{n}": [f"a{ch}b"] for n, ch in enumerate(LINE_BREAKS)}, "last": ["sentinel"]}
+    direct = PTBTokenizer().tokenize({i: [{"caption": c} for c in v] for i, v in caps.items()})
+    assert direct["last"] != ["sentinel"]  # the standard path misaligns: why metrics guards these
+    to_newline = str.maketrans(dict.fromkeys(LINE_BREAKS, "\n"))
+    newline = PTBTokenizer().tokenize({i: [{"caption": c.translate(to_newline)} for c in v] for i, v in caps.items()})
+    assert metrics._tokenize(caps) == newline == {**{f"c{n}": ["a b"] for n in range(5)}, "last": ["sentinel"]}
 
 
 @pytest.mark.parametrize("preds, refs, bad_id", [

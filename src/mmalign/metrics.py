@@ -14,9 +14,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-EMPTY_CAPTION = "<empty>"  # survives the PTB tokenizer and matches no real reference word
-
-
 def _captions_per_image(text_to_image: torch.Tensor, n_images: int) -> torch.Tensor:
     """(M,) caption->image index -> (N,) caption counts; every image needs >= 1 caption."""
     if text_to_image.ndim != 1 or text_to_image.numel() == 0:
@@ -141,29 +138,48 @@ def chance_retrieval(text_to_image: torch.Tensor, n_images: int, ks=(1, 5, 10)) 
     return {"i2t": recall_summary(i2t, ks), "t2i": recall_summary(t2i, ks)}
 
 
-def _clean(text: str) -> str:
-    """One line, no pipes: METEOR's java process reads one '|||'-separated line per segment and
-    hangs or misparses otherwise. str.split() also catches \\r, \\x85, \\u2028 (java line breaks)."""
-    return " ".join(text.replace("|", " ").split())
+# The PTB tokenizer jar (stanford-corenlp 3.4.1, run with -preserveLines) also ends a line at these;
+# pycocoevalcap only replaces "\n", so one of these in a caption shifts every later caption onto the
+# wrong id, silently. Found by tokenizing every code point up to U+2FFFF.
+_PTB_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
+
+
+def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{id: [caption]} -> {id: [PTB-tokenized caption]}, as pycocoevalcap's PTBTokenizer, one caption a line."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    raw = {i: [{"caption": c.translate(_PTB_LINE_BREAKS)} for c in caps] for i, caps in captions.items()}
+    tok = PTBTokenizer().tokenize(raw)
+    if any(len(tok.get(i, ())) != len(caps) for i, caps in captions.items()):
+        raise RuntimeError("PTB tokenizer returned a different number of lines than it was given")
+    # METEOR reads one line per segment, segments split by "|||": PTB makes every "|" its own token
+    # and removes newlines, so neither can reach it; checked, as a stray one would hang the java pipe
+    bad = next((i for i, caps in tok.items() for c in caps if "|||" in c or "\n" in c), None)
+    if bad is not None:
+        raise RuntimeError(f"caption {bad!r} still holds '|||' or a newline after PTB tokenization")
+    return tok
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
-    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr as coco-caption computes them (PTB tokenizer first).
+    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr exactly as pycocoevalcap's COCOEvalCap computes them.
 
-    predictions {id: caption}, references {id: [captions]}; both need the same ids. An empty
-    prediction (or one that is all punctuation) is scored as the token "<empty>", i.e. ~0.
-    Needs Java (PTB tokenizer, METEOR); starting the METEOR JVM alone takes ~6 s.
+    predictions {id: caption}, references {id: [captions]}; both need the same ids and every id a
+    non-blank reference. References and predictions are PTB-tokenized (separately, as COCOEvalCap
+    does) and scored as they are: "|" is a token, an empty prediction scores as empty (~0). The one
+    change: \r, \v, \f, U+2028, U+2029 become spaces, as pycocoevalcap does for "\n" (see
+    _PTB_LINE_BREAKS). Needs Java (PTB tokenizer, METEOR); starting the METEOR JVM alone takes ~6 s.
     """
     if predictions.keys() != references.keys():
         bad = sorted(predictions.keys() ^ references.keys(), key=str)
         raise ValueError(f"predictions and references must have the same ids; "
                          f"id {bad[0]!r} is only in one ({len(bad)} differ)")
     for i, refs in references.items():
-        if not any(_clean(r) for r in refs):
+        if not any(r.strip() for r in refs):
             raise ValueError(f"references for id {i!r} are empty")
-    n_blank = sum(not _clean(r) for refs in references.values() for r in refs)
+    n_blank = sum(not r.strip() for refs in references.values() for r in refs)
     if n_blank:
-        log.warning("caption_metrics: ignoring %d blank reference captions", n_blank)
+        log.warning("caption_metrics: %d blank reference captions are scored as empty references "
+                    "(as pycocoevalcap does)", n_blank)
     if shutil.which("java") is None:
         raise RuntimeError("caption_metrics needs Java 17 for the METEOR scorer and the PTB tokenizer: "
                            "apt-get install openjdk-17-jre-headless")
@@ -171,18 +187,11 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # one tokenizer JVM for both sides: keys ("p", id) / ("r", id)
-    raw = {("p", i): [{"caption": _clean(p) or EMPTY_CAPTION}] for i, p in predictions.items()}
-    raw.update({("r", i): [{"caption": c} for c in map(_clean, refs) if c] for i, refs in references.items()})
     stdout = io.StringIO()  # pycocoevalcap prints progress to stdout
     with contextlib.redirect_stdout(stdout):
-        tok = PTBTokenizer().tokenize(raw)
-        if any(len(tok.get(k, ())) != len(v) for k, v in raw.items()):
-            raise RuntimeError("PTB tokenizer returned a different number of lines than it was given")
-        res = {i: [tok[("p", i)][0] or EMPTY_CAPTION] for i in predictions}
-        gts = {i: [r or EMPTY_CAPTION for r in tok[("r", i)]] for i in predictions}
+        gts = _tokenize(references)
+        res = _tokenize({i: [p] for i, p in predictions.items()})
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         meteor, _ = Meteor().compute_score(gts, res)
         rouge, _ = Rouge().compute_score(gts, res)
