@@ -108,6 +108,14 @@ def test_collapsed_model_on_a_large_set_is_fast_and_chance():
     assert out["i2t"]["R@1"] == pytest.approx(5 / 5000) and out["i2t"]["mean_rank"] == pytest.approx(5001 / 6)
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_nan_embeddings_are_refused_not_ranked_first(which):
+    img, txt, owner = _random_set()
+    (img, txt)[which][2, 0] = float("nan")
+    with pytest.raises(ValueError, match=("image_emb", "text_emb")[which] + " holds NaN"):
+        retrieval_metrics(img, txt, owner)
+
+
 def test_chance_one_caption_each_is_uniform():
     out = chance_retrieval(torch.arange(10), 10)
     for d in ("i2t", "t2i"):

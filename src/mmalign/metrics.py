@@ -63,26 +63,29 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
     n, m = image_emb.shape[0], text_emb.shape[0]
     chunk = chunk or max(16, (1 << 22) // max(n, m))
     _captions_per_image(text_to_image, n)
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not torch.isfinite(emb).all():  # NaN compares false with everything: it would rank first
+            raise ValueError(f"{name} holds NaN or inf: the model diverged or its checkpoint is damaged")
     text_emb = text_emb.to(image_emb)
     owner = text_to_image.to(image_emb.device).long()  # (M,)
-    t2i = [torch.empty(m, dtype=torch.long, device=image_emb.device) for _ in range(3)]
+    t2i = TiedRanks(*(torch.empty(m, dtype=torch.long, device=image_emb.device) for _ in range(3)))
+    t2i.pos.fill_(1)  # one image per caption
     for s in range(0, m, chunk):
         scores = text_emb[s:s + chunk] @ image_emb.T  # (c, N)
         # the positive comes from the same matmul, so it ties with itself exactly
         pos = scores.gather(1, owner[s:s + chunk, None])  # (c, 1)
-        t2i[0][s:s + chunk] = (scores > pos).sum(1)
-        t2i[2][s:s + chunk] = (scores == pos).sum(1) - 1
-    t2i[1].fill_(1)
-    i2t = [torch.empty(n, dtype=torch.long, device=image_emb.device) for _ in range(3)]
+        t2i.above[s:s + chunk] = (scores > pos).sum(1)
+        t2i.neg[s:s + chunk] = (scores == pos).sum(1) - 1
+    i2t = TiedRanks(*(torch.empty(n, dtype=torch.long, device=image_emb.device) for _ in range(3)))
     for s in range(0, n, chunk):
         scores = image_emb[s:s + chunk] @ text_emb.T  # (c, M)
         own = owner[None, :] == torch.arange(s, s + scores.shape[0], device=owner.device)[:, None]  # (c, M)
         best = scores.masked_fill(~own, -math.inf).amax(1, keepdim=True)  # (c, 1)
         tied = scores == best  # (c, M)
-        i2t[0][s:s + chunk] = (scores > best).sum(1)
-        i2t[1][s:s + chunk] = (tied & own).sum(1)
-        i2t[2][s:s + chunk] = (tied & ~own).sum(1)
-    return TiedRanks(*i2t), TiedRanks(*t2i)
+        i2t.above[s:s + chunk] = (scores > best).sum(1)
+        i2t.pos[s:s + chunk] = (tied & own).sum(1)
+        i2t.neg[s:s + chunk] = (tied & ~own).sum(1)
+    return i2t, t2i
 
 
 def _recall_at(r: TiedRanks, k: int) -> torch.Tensor:
