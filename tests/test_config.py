@@ -60,7 +60,8 @@ def test_derived_align_fields_are_not_accepted_from_params():
     ("num_epochs", False),
     ("mrl_dims", "8,16"),
     ("mrl_dims", [8, "16"]),
-    ("dropout", "0.1"),
+    ("dropout", "abc"),
+    ("dropout", [0.1]),
     ("mrl_weights", 1.0),
 ])
 def test_wrong_types_are_rejected_naming_the_key(key, value):
@@ -71,6 +72,30 @@ def test_wrong_types_are_rejected_naming_the_key(key, value):
 def test_int_is_accepted_where_float_is_expected():
     cfg = _align(lr=1, dropout=0, clip_weight=2)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.clip_weight, float)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("key", ["lr", "dropout", "clip_weight", "mrl_weights"])
+def test_nan_and_inf_are_rejected_for_float_params(key, value):
+    value = [value, 1.0] if key == "mrl_weights" else value
+    with pytest.raises(ValueError, match=rf"^align\.{key}(\[0\])?=.*is invalid: expected a finite float"):
+        _align(**{key: value, "d_align": 32, "mrl_dims": [8, 32]})
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN", "-.Inf"])
+def test_yaml_nan_and_inf_fail_validation_in_every_float_section(text):
+    params = load_params(ROOT / "params.yaml")
+    for section in ("align", "project"):
+        bad = {**params, section: {**params[section], "lr": yaml.safe_load(f"lr: {text}")["lr"]}}
+        with pytest.raises(ValueError, match=rf"^{section}\.lr=.*is invalid: expected a finite float"):
+            validate_all(bad)
+
+
+@pytest.mark.parametrize("text,want", [("3e-4", 3e-4), ("1e9", 1e9), ("1.0e+9", 1e9), ("0.25", 0.25)])
+def test_yaml_strings_that_parse_as_floats_are_accepted(text, want):
+    lr = yaml.safe_load(f"lr: {text}")["lr"]
+    cfg = _align(lr=lr) if want < 1 else _align(clip_weight=lr)
+    assert (cfg.lr if want < 1 else cfg.clip_weight) == want
 
 
 @pytest.mark.parametrize("kw,key", [

@@ -1,4 +1,8 @@
+import itertools
+import math
 import threading
+import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -26,35 +30,107 @@ def _brute_force(img, txt, owner):
     return i2t, t2i
 
 
+def _old_summary(ranks, ks=(1, 5, 10)):
+    """What recall_summary computed before ties were kept: plain fractions and mean of integer ranks."""
+    r = torch.tensor(ranks, dtype=torch.float64)
+    return {**{f"R@{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean())}
+
+
 @pytest.mark.parametrize("chunk", [1024, 3])
-def test_ranks_match_brute_force(chunk):
+def test_ranks_without_ties_match_brute_force_and_old_values(chunk):
     img, txt, owner = _random_set()
     i2t, t2i = retrieval_ranks(img, txt, owner, chunk=chunk)
     want_i2t, want_t2i = _brute_force(img, txt, owner.tolist())
-    assert i2t.tolist() == want_i2t and t2i.tolist() == want_t2i
     for got, want in ((i2t, want_i2t), (t2i, want_t2i)):
-        summary = recall_summary(got)
-        for k in (1, 5, 10):
-            assert summary[f"R@{k}"] == pytest.approx(sum(r <= k for r in want) / len(want))
-        assert summary["mean_rank"] == pytest.approx(sum(want) / len(want))
+        assert (got.above + 1).tolist() == want and got.pos.tolist() == [1] * len(want)
+        assert got.neg.tolist() == [0] * len(want)
+        assert recall_summary(got) == _old_summary(want)  # bit for bit: no tie, no change
+        assert recall_summary(torch.tensor(want)) == _old_summary(want)
 
 
-def test_perfect_embeddings_and_ties():
+def _expected_by_enumeration(above, pos, neg, ks):
+    """Exact expectation over every placement of the positives in the tied block (Fractions)."""
+    placements = list(itertools.combinations(range(1, pos + neg + 1), pos))
+    first = [above + min(c) for c in placements]  # rank of the first positive in each placement
+    out = {f"R@{k}": Fraction(sum(r <= k for r in first), len(first)) for k in ks}
+    out["mean_rank"] = Fraction(sum(first), len(first))
+    return out
+
+
+def test_tied_ranks_match_enumeration_of_tie_breaks():
+    # integer embeddings in {0, 1}: scores are small exact integers, so many ties of every kind
+    g = torch.Generator().manual_seed(3)
+    owner = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])
+    img = torch.randint(0, 2, (6, 3), generator=g).double()
+    txt = torch.randint(0, 2, (len(owner), 3), generator=g).double()
+    ks = (1, 2, 3, 5)
+    i2t, t2i = retrieval_ranks(img, txt, owner, chunk=4)
+    assert (i2t.pos > 1).any()  # several of an image's captions tie for its best score
+    for ranks in (i2t, t2i):
+        assert (ranks.neg > 0).any(), "the set should contain ties"
+        want = [_expected_by_enumeration(*map(int, q), ks) for q in zip(*ranks)]
+        got = recall_summary(ranks, ks)
+        for key in got:
+            assert got[key] == pytest.approx(float(sum(w[key] for w in want) / len(want)), abs=1e-12)
+
+
+def test_perfect_embeddings_score_one():
     img, _, owner = _random_set()
-    img[1] = img[0]  # a duplicate image: ties count in the query's favour, so still rank 1
     out = retrieval_metrics(img, img[owner], owner)
-    assert out["i2t"]["R@1"] == out["t2i"]["R@1"] == 1.0
-    assert out["i2t"]["median_rank"] == out["t2i"]["mean_rank"] == 1.0
+    assert out["i2t"] == out["t2i"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mean_rank": 1.0}
 
 
-def test_recall_summary_median_is_numpy_median():
-    assert recall_summary(torch.tensor([1, 2, 7, 9]))["median_rank"] == 4.5
+def test_duplicate_images_split_the_credit():
+    owner = torch.tensor([0, 1, 2, 2])
+    img = torch.eye(3, dtype=torch.float64)
+    img[1] = img[0]  # images 0 and 1 identical: each of their captions ties between them
+    t2i = recall_summary(retrieval_ranks(img, img[owner], owner)[1], ks=(1,))
+    assert t2i == {"R@1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4}
+
+
+@pytest.mark.parametrize("counts", [[1] * 7, [3] * 5, [1, 3, 5, 1, 5, 3, 3, 1]])
+def test_collapsed_model_scores_exactly_chance(counts):
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    owner = owner[torch.randperm(len(owner), generator=torch.Generator().manual_seed(0))]
+    same = torch.full((1, 4), 0.5)  # all embeddings equal (exact dyadic scores: ties are exact)
+    out = retrieval_metrics(same.expand(len(counts), 4), same.expand(len(owner), 4), owner)
+    assert out == chance_retrieval(owner, len(counts))
+    assert out["t2i"]["R@1"] == pytest.approx(1 / len(counts)) and out["i2t"]["R@1"] < 1
+
+
+def test_collapsed_model_on_a_large_set_is_fast_and_chance():
+    owner = torch.arange(1000).repeat_interleave(5)  # M = 5000 texts, all tied
+    same = torch.full((1, 8), 0.25)
+    t0 = time.perf_counter()
+    out = retrieval_metrics(same.expand(1000, 8), same.expand(5000, 8), owner)
+    assert time.perf_counter() - t0 < 10
+    assert out == chance_retrieval(owner, 1000)
+    assert out["i2t"]["R@1"] == pytest.approx(5 / 5000) and out["i2t"]["mean_rank"] == pytest.approx(5001 / 6)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_nan_embeddings_are_refused_not_ranked_first(which):
+    img, txt, owner = _random_set()
+    (img, txt)[which][2, 0] = float("nan")
+    with pytest.raises(ValueError, match=("image_emb", "text_emb")[which] + " holds NaN"):
+        retrieval_metrics(img, txt, owner)
 
 
 def test_chance_one_caption_each_is_uniform():
     out = chance_retrieval(torch.arange(10), 10)
     for d in ("i2t", "t2i"):
-        assert out[d] == pytest.approx({"R@1": 0.1, "R@5": 0.5, "R@10": 1.0, "mean_rank": 5.5, "median_rank": 5.5})
+        assert out[d] == pytest.approx({"R@1": 0.1, "R@5": 0.5, "R@10": 1.0, "mean_rank": 5.5}, abs=1e-12)
+
+
+def test_chance_matches_the_closed_form():
+    # the best of c positives among m in random order: P(rank <= k) = 1 - C(m-c, k) / C(m, k), E = (m+1)/(c+1)
+    _, _, owner = _random_set(n_images=20)
+    m, counts = len(owner), torch.bincount(owner).tolist()
+    out = chance_retrieval(owner, 20)["i2t"]
+    for k in (1, 5, 10):
+        want = sum(1 - Fraction(math.comb(m - c, k), math.comb(m, k)) for c in counts) / 20
+        assert out[f"R@{k}"] == pytest.approx(float(want), abs=1e-12)
+    assert out["mean_rank"] == pytest.approx(float(sum(Fraction(m + 1, c + 1) for c in counts) / 20), abs=1e-12)
 
 
 def test_chance_matches_monte_carlo():
@@ -83,31 +159,80 @@ REFS = {
 }
 
 
-def _call_with_timeout(preds, refs, timeout=120):
+def _call_with_timeout(fn, preds, refs, timeout=120):
     # a METEOR input with a stray newline would block forever on the java pipe; fail instead
     out = {}
-    t = threading.Thread(target=lambda: out.update(caption_metrics(preds, refs)), daemon=True)
+    t = threading.Thread(target=lambda: out.update(fn(preds, refs)), daemon=True)
     t.start()
     t.join(timeout)
-    assert not t.is_alive(), "caption_metrics hung"
+    assert not t.is_alive(), f"{fn.__name__} hung"
     return out
+
+
+def _direct_pycocoevalcap(preds, refs):
+    """The standard path, as COCOEvalCap.evaluate runs it: tokenize gts and res, then the four scorers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in r] for i, r in refs.items()})
+    res = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in preds.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+        out[name] = float(scorer.compute_score(gts, res)[0])
+    return out
+
+
+# Edge cases the standard path scores without trouble: "|" stays a token ("|||" becomes "| | |"),
+# "" and all-punctuation captions score as empty, "\n" and \x85 are spaces, blank references count.
+EDGE_PREDS = {"1": "a dog | runs ||| on grass", "2": "", "3": "!!! ...", "4": "|||", "5": "|",
+              "6": "a red\nbus\x85at the station", "7": "a plate |||of pasta"}
+EDGE_REFS = {**REFS, "5": ["a cat | on a mat", "", "a cat ||| sits"], "6": ["a bus\nat a stop", "..."],
+             "7": ["pasta on a plate", "spaghetti"]}
+# These end a line in the PTB jar: a direct call shifts every later caption onto the wrong id.
+LINE_BREAKS = "\r\x0b\x0c\u2028\u2029"
 
 
 @pytest.fixture(scope="module")
 def caption_scores():
-    """Only two real calls: each starts the METEOR JVM, ~7 s on a 2-core box."""
-    good = _call_with_timeout({i: r[0] for i, r in REFS.items()}, REFS)
-    bad = {"1": "purple\nelephant | sings ||| loudly\r\u2028tonight", "2": "", "3": "!!!", "4": "zebra zebra zebra"}
-    return good, _call_with_timeout(bad, REFS)
+    """Three scorings on one METEOR JVM (each start takes ~7 s on a 2-core box); Meteor is stateless
+    between compute_score calls."""
+    from pycocoevalcap.meteor import meteor
+
+    shared = meteor.Meteor()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(meteor, "Meteor", lambda: shared)
+        good = _call_with_timeout(caption_metrics, {i: r[0] for i, r in REFS.items()}, REFS)
+        edge = _call_with_timeout(caption_metrics, EDGE_PREDS, EDGE_REFS)
+        direct = _call_with_timeout(_direct_pycocoevalcap, EDGE_PREDS, EDGE_REFS)
+    return good, edge, direct
 
 
 def test_caption_metrics_identical_beats_nonsense(caption_scores):
-    good, bad = caption_scores
-    assert set(good) == set(bad) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    good, edge, _ = caption_scores
+    assert set(good) == set(edge) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert good["BLEU-4"] == pytest.approx(1.0, abs=1e-3) and good["ROUGE-L"] == pytest.approx(1.0)
     assert good["CIDEr"] > 2.0
-    assert bad["BLEU-4"] < 0.01 and bad["CIDEr"] < 0.1
-    assert all(good[k] > bad[k] + 0.3 for k in good)
+    assert all(good[k] > edge[k] + 0.2 for k in good)
+
+
+def test_caption_metrics_equal_a_direct_pycocoevalcap_call_on_edge_cases(caption_scores):
+    _, edge, direct = caption_scores
+    assert edge == direct  # exactly: same tokens, same scorers
+
+
+def test_line_breaks_the_ptb_jar_splits_on_are_spaces_like_newline(caplog):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    caps = {**{f"c{n}": [f"a{ch}b"] for n, ch in enumerate(LINE_BREAKS)}, "last": ["sentinel"]}
+    direct = PTBTokenizer().tokenize({i: [{"caption": c} for c in v] for i, v in caps.items()})
+    assert direct["last"] != ["sentinel"]  # the standard path misaligns: why metrics guards these
+    to_newline = str.maketrans(dict.fromkeys(LINE_BREAKS, "\n"))
+    newline = PTBTokenizer().tokenize({i: [{"caption": c.translate(to_newline)} for c in v] for i, v in caps.items()})
+    assert metrics._tokenize(caps) == newline == {**{f"c{n}": ["a b"] for n in range(5)}, "last": ["sentinel"]}
 
 
 @pytest.mark.parametrize("preds, refs, bad_id", [

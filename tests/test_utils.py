@@ -1,12 +1,16 @@
-"""Small shared helpers: the prefetching iterator and atomic writes."""
+"""Small shared helpers: the prefetching iterator, atomic writes and verified checkpoints."""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from mmalign.utils import atomic_path, prefetch
+from mmalign.utils import atomic_path, load_checkpoint, prefetch, save_checkpoint
 
 
 def test_prefetch_keeps_order_and_reads_ahead():
@@ -50,3 +54,43 @@ def test_atomic_path_leaves_the_old_output_when_the_writer_fails(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def _damage_tensor_data(path, n=4096):
+    """Overwrite n bytes (same size) in the middle of the tensor data, past the safetensors header."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # u64 header length, then the JSON header
+    mid = (start + len(data)) // 2
+    data[mid:mid + n] = bytes(range(256)) * (n // 256)
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_round_trip_writes_a_checksum(tmp_path):
+    w = torch.randn(64, 64)
+    save_checkpoint(tmp_path / "ckpt", {"w": w}, {"dim": 64})
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["checksums.json", "config.json", "model.safetensors"]
+    tensors, cfg = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(tensors["w"], w) and cfg == {"dim": 64}
+
+
+def test_checkpoint_damaged_in_place_is_refused(tmp_path):
+    d = tmp_path / "ckpt"
+    save_checkpoint(d, {"w": torch.randn(256, 256)}, {"dim": 256})
+    size = (d / "model.safetensors").stat().st_size
+    _damage_tensor_data(d / "model.safetensors")
+    assert (d / "model.safetensors").stat().st_size == size
+    load_file(d / "model.safetensors")  # safetensors itself does not notice
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(d))}/model\.safetensors is damaged .*"
+                                         rf"delete {re.escape(str(d))} and re-run the stage that writes it$"):
+        load_checkpoint(d)
+
+
+def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path, caplog):
+    d = tmp_path / "ckpt"
+    save_checkpoint(d, {"w": torch.ones(3)}, {})
+    (d / "checksums.json").unlink()  # as written before checksums existed
+    with caplog.at_level(logging.WARNING, logger="mmalign.utils"):
+        tensors, _ = load_checkpoint(d)
+    assert torch.equal(tensors["w"], torch.ones(3))
+    assert "has no checksums.json" in caplog.text and str(d) in caplog.text

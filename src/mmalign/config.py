@@ -26,12 +26,14 @@ def _fail(section: str, key: str, value: Any, allowed: str) -> None:
 
 
 def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a (simple) type hint; ints are accepted where floats are."""
+    """Check `value` against a (simple) type hint; floats as in _check_float."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args:  # X | None: X's own message says what is wrong
+            return _check_type(section, key, value, next(a for a in args if a is not type(None)))
         for arg in args:
             if arg is type(None):
                 continue
@@ -51,12 +53,26 @@ def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             _fail(section, key, value, f"expected a mapping for {hint.__name__}")
         return from_dict(hint, value, f"{section}.{key}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _check_float(section, key, value)
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (
             hint is int and isinstance(value, bool))):
         return value
     _fail(section, key, value, f"expected {getattr(hint, '__name__', hint)}")
+
+
+def _check_float(section: str, key: str, value: Any) -> float:
+    """A finite float from a float, an int, or a string float() parses: YAML 1.1 (PyYAML) reads
+    `3e-4` (no dot) as a string, and `.nan`/`.inf` as floats no training step can use."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        _fail(section, key, value, "expected float")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        _fail(section, key, value, "expected float (a number such as 3e-4)")
+    if not math.isfinite(number):
+        _fail(section, key, value, "expected a finite float (not nan or inf)")
+    return number
 
 
 def field_names(cls: type) -> list[str]:

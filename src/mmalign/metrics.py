@@ -1,4 +1,5 @@
-"""Retrieval metrics (clip_benchmark protocol), their chance levels, and COCO caption metrics."""
+"""Retrieval metrics (clip_benchmark protocol, ties broken at random in expectation), their chance
+levels, and COCO caption metrics (pycocoevalcap)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,11 @@ import io
 import logging
 import math
 import shutil
-from collections import Counter
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-EMPTY_CAPTION = "<empty>"  # survives the PTB tokenizer and matches no real reference word
-
 
 def _captions_per_image(text_to_image: torch.Tensor, n_images: int) -> torch.Tensor:
     """(M,) caption->image index -> (N,) caption counts; every image needs >= 1 caption."""
@@ -30,46 +27,95 @@ def _captions_per_image(text_to_image: torch.Tensor, n_images: int) -> torch.Ten
     return counts
 
 
+class TiedRanks(NamedTuple):
+    """Where each query's first positive lands, ties included; all (Q,) long.
+
+    above: candidates scoring strictly higher than the query's best positive;
+    pos (>= 1) / neg: positives / negatives scoring exactly that best score (the tied block).
+    Under uniformly random tie-breaking the rank is above + the position of the first positive
+    in the shuffled block of pos + neg candidates.
+    """
+
+    above: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    @classmethod
+    def untied(cls, ranks: torch.Tensor) -> "TiedRanks":
+        """Plain 1-based ranks (Q,), no ties."""
+        ranks = ranks.long()
+        return cls(ranks - 1, torch.ones_like(ranks), torch.zeros_like(ranks))
+
+
 @torch.inference_mode()
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-based retrieval ranks, as clip_benchmark counts them; similarity is the dot product.
+                    chunk: int | None = None) -> tuple[TiedRanks, TiedRanks]:
+    """Retrieval ranks as clip_benchmark counts them, except that ties are kept (see TiedRanks).
 
-    image_emb (N, D), text_emb (M, D), both L2-normalised; text_to_image (M,) long.
-    Returns i2t (N,): per image, the best rank of any of its captions among all M texts;
-    t2i (M,): per caption, the rank of its image among the N images.
-    Ties count in the query's favour: rank = 1 + number of candidates scoring strictly higher.
+    image_emb (N, D), text_emb (M, D), both L2-normalised; text_to_image (M,) long; similarity is
+    the dot product and a tie is exact float equality. Returns i2t (N queries: an image's captions
+    among all M texts) and t2i (M queries: a caption's image among the N images). clip_benchmark
+    counts ties in the query's favour, so a collapsed model (all embeddings equal) would score
+    R@1 = 1; kept as ties, it scores exactly chance (chance_retrieval).
     Queries go in chunks, so at most chunk * max(N, M) scores are held at once (default: about 4M,
     so memory stays flat as the eval set grows).
     """
     n, m = image_emb.shape[0], text_emb.shape[0]
     chunk = chunk or max(16, (1 << 22) // max(n, m))
     _captions_per_image(text_to_image, n)
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not torch.isfinite(emb).all():  # NaN compares false with everything: it would rank first
+            raise ValueError(f"{name} holds NaN or inf: the model diverged or its checkpoint is damaged")
     text_emb = text_emb.to(image_emb)
     owner = text_to_image.to(image_emb.device).long()  # (M,)
-    t2i = torch.empty(m, dtype=torch.long, device=image_emb.device)
+    t2i = TiedRanks(*(torch.empty(m, dtype=torch.long, device=image_emb.device) for _ in range(3)))
+    t2i.pos.fill_(1)  # one image per caption
     for s in range(0, m, chunk):
         scores = text_emb[s:s + chunk] @ image_emb.T  # (c, N)
         # the positive comes from the same matmul, so it ties with itself exactly
         pos = scores.gather(1, owner[s:s + chunk, None])  # (c, 1)
-        t2i[s:s + chunk] = 1 + (scores > pos).sum(1)
-    i2t = torch.empty(n, dtype=torch.long, device=image_emb.device)
+        t2i.above[s:s + chunk] = (scores > pos).sum(1)
+        t2i.neg[s:s + chunk] = (scores == pos).sum(1) - 1
+    i2t = TiedRanks(*(torch.empty(n, dtype=torch.long, device=image_emb.device) for _ in range(3)))
     for s in range(0, n, chunk):
         scores = image_emb[s:s + chunk] @ text_emb.T  # (c, M)
         own = owner[None, :] == torch.arange(s, s + scores.shape[0], device=owner.device)[:, None]  # (c, M)
         best = scores.masked_fill(~own, -math.inf).amax(1, keepdim=True)  # (c, 1)
-        i2t[s:s + chunk] = 1 + (scores > best).sum(1)
+        tied = scores == best  # (c, M)
+        i2t.above[s:s + chunk] = (scores > best).sum(1)
+        i2t.pos[s:s + chunk] = (tied & own).sum(1)
+        i2t.neg[s:s + chunk] = (tied & ~own).sum(1)
     return i2t, t2i
 
 
-def recall_summary(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """ranks (Q,) 1-based -> {"R@k": fraction of ranks <= k, "mean_rank", "median_rank" (numpy median)}."""
-    if ranks.numel() == 0:
+def _recall_at(r: TiedRanks, k: int) -> torch.Tensor:
+    """P(rank <= k) per query (Q,) float64, under uniformly random tie-breaking.
+
+    The first positive sits past position j of the tied block with probability
+    C(p+q-j, p) / C(p+q, p) = prod_{i<j} (q-i) / (p+q-i), p = pos, q = neg: at most k exact
+    float64 factors, whatever the block size. rank <= k  <=>  position <= j = k - above.
+    """
+    above, p, q = (t.detach().cpu().double() for t in r)
+    j = (k - above).clamp(min=0)  # (Q,)
+    i = torch.arange(k, dtype=torch.float64)  # (k,)
+    factor = (q[:, None] - i).clamp(min=0) / (p[:, None] + q[:, None] - i).clamp(min=1)  # (Q, k)
+    miss = torch.where(i < j[:, None], factor, 1.0).prod(1)  # a factor hits 0 once j > q: certain hit
+    return 1 - miss
+
+
+def recall_summary(ranks: TiedRanks | torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Expected recall and rank under uniformly random tie-breaking, averaged over queries.
+
+    ranks: TiedRanks, or plain 1-based ranks (Q,) without ties. Returns {"R@k": mean P(rank <= k),
+    "mean_rank": mean E[rank]}, E[rank] = above + (p+q+1)/(p+1). Without ties both are the usual
+    fraction of ranks <= k and mean rank.
+    """
+    r = ranks if isinstance(ranks, TiedRanks) else TiedRanks.untied(ranks)
+    if r.above.numel() == 0:
         raise ValueError("recall_summary needs at least one rank")
-    r = ranks.detach().cpu().double()
-    out = {f"R@{k}": float((r <= k).double().mean()) for k in ks}
-    out["mean_rank"] = float(r.mean())
-    out["median_rank"] = float(np.median(r.numpy()))
+    out = {f"R@{k}": float(_recall_at(r, k).mean()) for k in ks}
+    above, p, q = (t.detach().cpu().double() for t in r)
+    out["mean_rank"] = float((above + (p + q + 1) / (p + 1)).mean())
     return out
 
 
@@ -80,68 +126,63 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     return {"i2t": recall_summary(i2t, ks), "t2i": recall_summary(t2i, ks)}
 
 
-def _best_of_c(m: int, c: int, ks) -> tuple[dict[str, float], float, float]:
-    """Rank of the best of c positives among m candidates in uniform random order.
-
-    P(rank > r) = C(m-r, c) / C(m, c), all in exact integers. Returns ({"R@k"}, mean, median);
-    the median is the smallest r with P(rank <= r) >= 1/2, or r + 0.5 when that probability is
-    exactly 1/2 (the midpoint convention numpy uses for an even count, e.g. uniform 1..N -> (N+1)/2).
-    """
-    total = math.comb(m, c)
-    recall = {f"R@{k}": 1 - math.comb(m - c, min(k, m)) / math.comb(m, min(k, m)) for k in ks}
-    lo, hi = 1, m - c + 1  # rank m-c+1 is reached with probability 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if 2 * math.comb(m - mid, c) <= total:
-            hi = mid
-        else:
-            lo = mid + 1
-    median = lo + 0.5 if 2 * math.comb(m - lo, c) == total else float(lo)
-    return recall, (m + 1) / (c + 1), median
-
-
 def chance_retrieval(text_to_image: torch.Tensor, n_images: int, ks=(1, 5, 10)) -> dict[str, dict[str, float]]:
     """Exact expected retrieval_metrics under a uniformly random ranking (no simulation).
 
-    t2i: the rank of one image among N is uniform on 1..N. i2t: an image with c of the M texts
-    has best rank distributed as in _best_of_c; R@k and mean_rank average that over images,
-    median_rank is the numpy median over images of each image's distribution median.
+    A random ranking is a collapsed model: every candidate ties. t2i: one positive among N images;
+    i2t: an image's c captions among all M texts. So this is recall_summary of those all-tied
+    blocks, and a model whose embeddings are all equal scores exactly these numbers.
     """
-    counts = _captions_per_image(text_to_image, n_images)
+    counts = _captions_per_image(text_to_image, n_images)  # (N,)
     m = int(text_to_image.numel())
-    weights = Counter(counts.tolist())  # {captions per image: number of images}
-    per_c = {c: _best_of_c(m, c, ks) for c in weights}
-    i2t = {f"R@{k}": sum(w * per_c[c][0][f"R@{k}"] for c, w in weights.items()) / n_images for k in ks}
-    i2t["mean_rank"] = sum(w * per_c[c][1] for c, w in weights.items()) / n_images
-    i2t["median_rank"] = float(np.median([per_c[c][2] for c in counts.tolist()]))
-    t2i = {f"R@{k}": min(k, n_images) / n_images for k in ks}
-    t2i["mean_rank"] = t2i["median_rank"] = (n_images + 1) / 2
-    return {"i2t": i2t, "t2i": t2i}
+    i2t = TiedRanks(torch.zeros_like(counts), counts, m - counts)
+    ones = torch.ones(m, dtype=torch.long)
+    t2i = TiedRanks(torch.zeros_like(ones), ones, (n_images - 1) * ones)
+    return {"i2t": recall_summary(i2t, ks), "t2i": recall_summary(t2i, ks)}
 
 
-def _clean(text: str) -> str:
-    """One line, no pipes: METEOR's java process reads one '|||'-separated line per segment and
-    hangs or misparses otherwise. str.split() also catches \\r, \\x85, \\u2028 (java line breaks)."""
-    return " ".join(text.replace("|", " ").split())
+# The PTB tokenizer jar (stanford-corenlp 3.4.1, run with -preserveLines) also ends a line at these;
+# pycocoevalcap only replaces "\n", so one of these in a caption shifts every later caption onto the
+# wrong id, silently. Found by tokenizing every code point up to U+2FFFF.
+_PTB_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
+
+
+def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{id: [caption]} -> {id: [PTB-tokenized caption]}, as pycocoevalcap's PTBTokenizer, one caption a line."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    raw = {i: [{"caption": c.translate(_PTB_LINE_BREAKS)} for c in caps] for i, caps in captions.items()}
+    tok = PTBTokenizer().tokenize(raw)
+    if any(len(tok.get(i, ())) != len(caps) for i, caps in captions.items()):
+        raise RuntimeError("PTB tokenizer returned a different number of lines than it was given")
+    # METEOR reads one line per segment, segments split by "|||": PTB makes every "|" its own token
+    # and removes newlines, so neither can reach it; checked, as a stray one would hang the java pipe
+    bad = next((i for i, caps in tok.items() for c in caps if "|||" in c or "\n" in c), None)
+    if bad is not None:
+        raise RuntimeError(f"caption {bad!r} still holds '|||' or a newline after PTB tokenization")
+    return tok
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
-    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr as coco-caption computes them (PTB tokenizer first).
+    """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr exactly as pycocoevalcap's COCOEvalCap computes them.
 
-    predictions {id: caption}, references {id: [captions]}; both need the same ids. An empty
-    prediction (or one that is all punctuation) is scored as the token "<empty>", i.e. ~0.
-    Needs Java (PTB tokenizer, METEOR); starting the METEOR JVM alone takes ~6 s.
+    predictions {id: caption}, references {id: [captions]}; both need the same ids and every id a
+    non-blank reference. References and predictions are PTB-tokenized (separately, as COCOEvalCap
+    does) and scored as they are: "|" is a token, an empty prediction scores as empty (~0). The one
+    change: \r, \v, \f, U+2028, U+2029 become spaces, as pycocoevalcap does for "\n" (see
+    _PTB_LINE_BREAKS). Needs Java (PTB tokenizer, METEOR); starting the METEOR JVM alone takes ~6 s.
     """
     if predictions.keys() != references.keys():
         bad = sorted(predictions.keys() ^ references.keys(), key=str)
         raise ValueError(f"predictions and references must have the same ids; "
                          f"id {bad[0]!r} is only in one ({len(bad)} differ)")
     for i, refs in references.items():
-        if not any(_clean(r) for r in refs):
+        if not any(r.strip() for r in refs):
             raise ValueError(f"references for id {i!r} are empty")
-    n_blank = sum(not _clean(r) for refs in references.values() for r in refs)
+    n_blank = sum(not r.strip() for refs in references.values() for r in refs)
     if n_blank:
-        log.warning("caption_metrics: ignoring %d blank reference captions", n_blank)
+        log.warning("caption_metrics: %d blank reference captions are scored as empty references "
+                    "(as pycocoevalcap does)", n_blank)
     if shutil.which("java") is None:
         raise RuntimeError("caption_metrics needs Java 17 for the METEOR scorer and the PTB tokenizer: "
                            "apt-get install openjdk-17-jre-headless")
@@ -149,18 +190,11 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # one tokenizer JVM for both sides: keys ("p", id) / ("r", id)
-    raw = {("p", i): [{"caption": _clean(p) or EMPTY_CAPTION}] for i, p in predictions.items()}
-    raw.update({("r", i): [{"caption": c} for c in map(_clean, refs) if c] for i, refs in references.items()})
     stdout = io.StringIO()  # pycocoevalcap prints progress to stdout
     with contextlib.redirect_stdout(stdout):
-        tok = PTBTokenizer().tokenize(raw)
-        if any(len(tok.get(k, ())) != len(v) for k, v in raw.items()):
-            raise RuntimeError("PTB tokenizer returned a different number of lines than it was given")
-        res = {i: [tok[("p", i)][0] or EMPTY_CAPTION] for i in predictions}
-        gts = {i: [r or EMPTY_CAPTION for r in tok[("r", i)]] for i in predictions}
+        gts = _tokenize(references)
+        res = _tokenize({i: [p] for i, p in predictions.items()})
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         meteor, _ = Meteor().compute_score(gts, res)
         rouge, _ = Rouge().compute_score(gts, res)

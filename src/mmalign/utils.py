@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import queue
 import random
@@ -19,6 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums.json"  # beside model.safetensors: {"model.safetensors": sha256 hex}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -122,22 +127,53 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it and re-run the stage that writes it") from None
 
 
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write `model.safetensors` + `config.json` into `directory`, atomically (whole dir at once)."""
+    """Write `model.safetensors` + `config.json` + `checksums.json` (the weights' sha256) into
+    `directory`, atomically (whole dir at once). config.json stays the plain model config."""
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        sums = {"model.safetensors": _file_sha256(tmp / "model.safetensors")}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise ValueError if model.safetensors no longer has the sha256 recorded in checksums.json.
+
+    Damage in the tensor data (e.g. a block overwritten in place, same size) loads without any
+    error from safetensors and yields garbage weights, so the bytes are checked before loading.
+    A checkpoint written before checksums existed loads with a warning.
+    """
+    directory = Path(directory)
+    weights, sums_path = directory / "model.safetensors", directory / CHECKSUMS
+    fix = f"delete {directory} and re-run the stage that writes it"
+    if not sums_path.exists():
+        log.warning("checkpoint %s has no %s (written by an older mmalign): loading it unverified; "
+                    "%s to add one", directory, CHECKSUMS, fix)
+        return
+    expected = read_json(sums_path)
+    if not isinstance(expected, dict) or not isinstance(expected.get("model.safetensors"), str):
+        raise ValueError(f"{sums_path} has no sha256 for model.safetensors; {fix}")
+    if _file_sha256(weights) != expected["model.safetensors"]:
+        raise ValueError(f"checkpoint {weights} is damaged (its sha256 differs from {sums_path}); {fix}")
 
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by `save_checkpoint` (safetensors only: nothing is unpickled)."""
+    """Read a checkpoint written by `save_checkpoint`, verified first (safetensors: nothing is unpickled)."""
     directory = Path(directory)
     weights = directory / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no checkpoint at {directory} (missing model.safetensors): run the stage that trains it")
+    verify_checkpoint(directory)
     try:
         tensors = load_file(weights)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"checkpoint {weights} is corrupt ({e}); delete it and re-run the stage") from None
+        raise ValueError(f"checkpoint {weights} is corrupt ({e}); delete {directory} and re-run the stage "
+                         "that writes it") from None
     return tensors, read_json(directory / "config.json")
