@@ -52,7 +52,7 @@ def run() -> dict:
             torch.cat([vision(px) for px in pixels])
 
         def end_to_end(overlap: bool) -> None:
-            feats = encode_images(split, vision, bs, num_workers=0, overlap=overlap)
+            feats = torch.cat(encode_images(split, vision, bs, num_workers=0, overlap=overlap))
             save_file({"vision": feats}, tmp / "vision.safetensors")
 
         passes = {"bare": bare, "overlapped": lambda: end_to_end(True), "serial": lambda: end_to_end(False)}

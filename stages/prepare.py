@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: dataset, the builtin stand-in vision tower, frozen-encoder feature cache."""
+"""DVC stage `prepare`: dataset, the builtin stand-in vision tower, frozen-encoder feature cache (sharded
+across the processes of `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mmalign import distributed
 from mmalign.entry import run_entry
 from mmalign.params import load_params, models_config, prepare_config, preflight, setup_logging, tracking_config
 from mmalign.pipeline import prepare
@@ -19,6 +21,7 @@ from mmalign.tracking import stage_run
 @click.option("--features", type=click.Path(path_type=Path), required=True, help="feature cache out")
 @click.option("--report", type=click.Path(path_type=Path), required=True, help="prepare report (JSON) out")
 def main(params_path: str, dataset: Path, models_dir: Path, features: Path, report: Path) -> None:
+    distributed.init()  # N processes under `accelerate launch` share the feature extraction
     setup_logging()
     params = load_params(params_path)
     preflight(params, data=True)

@@ -189,7 +189,7 @@ class ModelsConfig:
             _fail("models", "llm", self.llm, f"the only builtin LLM is {BUILTIN_LLM}")
 
 
-SOURCES = ("synthetic", "hf", "imagefolder")
+SOURCES = ("synthetic", "hf", "imagefolder", "webdataset")
 
 
 @dataclass
@@ -230,6 +230,25 @@ class ImageFolderConfig:
 
 
 @dataclass
+class WebDatasetConfig:
+    """`prepare.source: webdataset`: img2dataset / WebDataset `.tar` shards (CC3M, CC12M, LAION-style);
+    the sidecar .parquet / _stats.json files are ignored. One split, divided by `prepare.split_ratios`."""
+
+    path: str = ""  # a shard folder, one .tar, a glob (shards/*.tar) or a brace pattern (shards/{00000..00331}.tar)
+    image_ext: str = "jpg;png;webp"  # member extensions that hold the image, `;`-separated (the first found is used)
+    caption_ext: str = "txt"  # member extension that holds the caption
+
+    def __post_init__(self) -> None:
+        if not self.image_exts or not self.caption_ext.strip(". "):
+            _fail("prepare.webdataset", "image_ext/caption_ext", (self.image_ext, self.caption_ext),
+                  "name member extensions, e.g. image_ext: jpg;png and caption_ext: txt")
+
+    @property
+    def image_exts(self) -> list[str]:
+        return [e.strip(". ").lower() for e in self.image_ext.split(";") if e.strip(". ")]
+
+
+@dataclass
 class PrepareConfig:
     """Dataset (synthetic, a `datasets` dataset, or an image folder) and frozen-feature extraction."""
 
@@ -248,9 +267,11 @@ class PrepareConfig:
     max_samples: int | None = None  # at most this many images per split (hf/imagefolder); null: all
     hf: HFSourceConfig = field(default_factory=HFSourceConfig)
     imagefolder: ImageFolderConfig = field(default_factory=ImageFolderConfig)
+    webdataset: WebDatasetConfig = field(default_factory=WebDatasetConfig)
     vision_pooling: str = "grid"  # cls | mean | grid: how the vision tower's tokens become one feature
     vision_grid: int = 4  # grid side for vision_pooling=grid
     batch_size: int = 128  # feature-extraction batch size
+    feature_dtype: str = "float32"  # float32 | float16: the feature cache's dtype (float16 halves its disk and I/O)
     num_workers: int = 0  # workers decoding/checking images (hf/imagefolder) and preprocessing them for extraction
     tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
     tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)
@@ -260,9 +281,10 @@ class PrepareConfig:
             _fail("prepare", "source", self.source, f"allowed: {', '.join(SOURCES)}")
         if self.source != "synthetic" and not getattr(self, self.source).path.strip():
             _fail("prepare", f"{self.source}.path", getattr(self, self.source).path,
-                  f"prepare.source is {self.source}: set it to " + (
-                      "a hub dataset id, a save_to_disk directory or a parquet file/directory"
-                      if self.source == "hf" else "a folder with images and metadata.jsonl or metadata.csv"))
+                  f"prepare.source is {self.source}: set it to " + {
+                      "hf": "a hub dataset id, a save_to_disk directory or a parquet file/directory",
+                      "imagefolder": "a folder with images and metadata.jsonl or metadata.csv",
+                      "webdataset": "a folder, glob or brace pattern of .tar shards"}[self.source])
         if self.on_bad_sample not in ("error", "skip"):
             _fail("prepare", "on_bad_sample", self.on_bad_sample, "allowed: error, skip")
         r = self.split_ratios
@@ -273,6 +295,8 @@ class PrepareConfig:
         for key in ("n_train", "n_val", "n_test"):
             if getattr(self, key) < 1:
                 _fail("prepare", key, getattr(self, key), "must be >= 1")
+        if self.feature_dtype not in ("float32", "float16"):
+            _fail("prepare", "feature_dtype", self.feature_dtype, "allowed: float32, float16")
         if self.vision_pooling not in ("cls", "mean", "grid"):
             _fail("prepare", "vision_pooling", self.vision_pooling, "allowed: cls, mean, grid")
         if self.vision_grid < 1:

@@ -22,7 +22,9 @@ def init() -> None:
     """Join the process group when launched by `accelerate launch` / torchrun (LOCAL_RANK is set).
 
     accelerate's PartialState reads the launcher's environment and picks the backend: NCCL on GPUs,
-    gloo on CPU. On CPU the launcher pins every process to 1 thread; the cores are shared out instead.
+    gloo on CPU. On CPU the launcher pins every process to 1 thread; the cores are shared out instead,
+    or `MMALIGN_THREADS` threads each (CPU float reductions round by thread count: equal counts give
+    equal bytes, e.g. a 2-process feature cache equal to the 1-process one).
     """
     if "LOCAL_RANK" not in os.environ or dist.is_initialized():
         return
@@ -32,7 +34,7 @@ def init() -> None:
     if state.device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local))
+        torch.set_num_threads(int(os.environ.get("MMALIGN_THREADS", 0)) or max(1, cores // local))
 
 
 def rank() -> int:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
 from .utils import atomic_path, prefetch, progress, read_json
 
@@ -75,14 +77,14 @@ class StreamedRows:
             out = torch.empty(max(0, stop - start), self.shape[1], dtype=self.dtype)
             if len(out):
                 self._read(start, len(out), out)
-            return out
+            return out.float()  # a float16 cache halves disk and I/O; the adapters compute in float32
         rows = torch.as_tensor(index).long().reshape(-1)  # (B,)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows of {self.path}")
         out = torch.empty(len(rows), self.shape[1], dtype=self.dtype)
         for i, r in enumerate(rows.tolist()):  # one pread per row: ~1 ms for a batch of 256
             self._read(r, 1, out[i])
-        return out
+        return out.float()
 
     def load(self) -> torch.Tensor:
         """All rows as one tensor."""
@@ -140,35 +142,60 @@ class _Images(torch.utils.data.Dataset):
         return self.split[indices]["image"]
 
 
+def _batches(n: int, size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Row indices of the batches this rank encodes: batch b goes to rank b % world. Batches are the
+    same whatever the number of processes, so a sharded cache equals the 1-process one byte for byte."""
+    return [list(range(b, min(b + size, n))) for b in range(rank * size, n, world * size)]
+
+
 @torch.inference_mode()
 def encode_images(split: Any, vision: FrozenVisionEncoder, batch_size: int, num_workers: int = 0,
-                  desc: str = "", overlap: bool = True) -> torch.Tensor:
-    """The vision features (N, dim) of an HF dataset split's `image` column.
+                  desc: str = "", overlap: bool = True, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """The vision features of this rank's batches of an HF dataset split's `image` column, (B, dim) each.
 
     With `overlap`, the next batch is decoded + preprocessed in a thread while this one runs through
     the encoder (benchmarks/bench_extraction.py measures both ways).
     """
-    loader = DataLoader(_Images(split.select_columns(["image"])), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess
+    loader = DataLoader(_Images(split.select_columns(["image"])), batch_sampler=_batches(len(split), batch_size,
+                        rank, world), num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess
     batches = prefetch(loader) if overlap else loader
-    out = [vision(px) for px in progress(batches, total=len(loader), desc=f"vision features {desc}", unit="batch")]
-    return torch.cat(out).cpu().contiguous()
+    return [vision(px).cpu() for px in progress(batches, total=len(loader), desc=f"vision features {desc}",
+                                                unit="batch")]
+
+
+TEXT_CHUNK = 2048  # captions per sentence-transformers call
 
 
 @torch.inference_mode()
 def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, batch_size: int,
-                 num_workers: int = 0, desc: str = "") -> dict[str, torch.Tensor]:
-    """Run both frozen encoders over one HF dataset split (columns: image, captions)."""
-    v = encode_images(split, vision, batch_size, num_workers, desc)
+                 num_workers: int = 0, desc: str = "", rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Run both frozen encoders over one HF dataset split (columns: image, captions).
+
+    With world > 1, this rank's share only: tensors `vision.<batch>` and `text.<chunk>` (merge_shards
+    puts the shares of all ranks back in order)."""
+    v = encode_images(split, vision, batch_size, num_workers, desc, rank=rank, world=world)
     captions = split["captions"]
     flat = [c for caps in captions for c in caps]
-    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     # Large chunks: sentence-transformers sorts each call's texts by length before batching, so
     # batches hold similar lengths (2.7x faster than 256-caption calls on the default captions).
-    step = 2048
-    t = [text(flat[i:i + step], batch_size=64)
-         for i in progress(range(0, len(flat), step), desc=f"text features {desc}", unit="chunk")]
-    return {"vision": v, "text": torch.cat(t).cpu().contiguous(), "text_to_image": t2i}
+    chunks = _batches(len(flat), TEXT_CHUNK, rank, world)
+    t = [text(flat[c[0]:c[-1] + 1], batch_size=64).cpu()
+         for c in progress(chunks, desc=f"text features {desc}", unit="chunk")]
+    if world > 1:
+        return {**{f"vision.{rank + i * world}": x for i, x in enumerate(v)},
+                **{f"text.{rank + i * world}": x for i, x in enumerate(t)}}
+    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    return {"vision": torch.cat(v).contiguous(), "text": torch.cat(t).contiguous(), "text_to_image": t2i}
+
+
+def merge_shards(parts: list[dict[str, torch.Tensor]], captions: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The per-rank tensors of encode_split(world > 1) -> the 1-process result."""
+    pieces = {k: v for part in parts for k, v in part.items()}
+    ordered = lambda kind: [pieces[k] for k in sorted((k for k in pieces if k.startswith(kind + ".")),  # noqa: E731
+                                                      key=lambda k: int(k.split(".")[1]))]
+    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    return {"vision": torch.cat(ordered("vision")).contiguous(), "text": torch.cat(ordered("text")).contiguous(),
+            "text_to_image": t2i}
 
 
 def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder) -> dict[str, Any]:
@@ -182,15 +209,38 @@ def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTex
 
 
 def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, out_dir: str | Path,
-                        batch_size: int = 128, num_workers: int = 0) -> dict[str, Any]:
-    """Encode every split of `dataset` (a DatasetDict) and write the cache atomically (whole dir)."""
-    expected = cache_fingerprint(dataset, vision, text)
+                        batch_size: int = 128, num_workers: int = 0, dtype: str = "float32") -> dict[str, Any]:
+    """Encode every split of `dataset` (a DatasetDict) and write the cache atomically (whole dir).
+
+    Under `accelerate launch` with N processes each encodes every N-th batch and writes its share to a
+    shard file; rank 0 merges the shares into the cache the 1-process run writes (tests/test_features.py)."""
+    out_dir = Path(out_dir)
+    expected = {**cache_fingerprint(dataset, vision, text), "feature_dtype": dtype}
     if cache_is_valid(out_dir, expected):
         log.info("feature cache %s is up to date; not re-encoding", out_dir)
-        return read_json(Path(out_dir) / "fingerprint.json")
-    splits = ((name, encode_split(split, vision, text, batch_size, num_workers, desc=name))
-              for name, split in dataset.items())  # one split in memory at a time
-    return write_feature_cache(out_dir, splits, {**expected, "vision_dim": vision.dim, "text_dim": text.dim})
+        return read_json(out_dir / "fingerprint.json")
+    stored = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    cast = lambda t: {k: v.to(stored) if k != "text_to_image" else v for k, v in t.items()}  # noqa: E731
+    meta = {**expected, "vision_dim": vision.dim, "text_dim": text.dim}
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        splits = ((name, cast(encode_split(split, vision, text, batch_size, num_workers, desc=name)))
+                  for name, split in dataset.items())  # one split in memory at a time
+        return write_feature_cache(out_dir, splits, meta)
+    shard_dir = out_dir.parent / f".{out_dir.name}.shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in dataset.items():
+        part = encode_split(split, vision, text, batch_size, num_workers, desc=name, rank=rank, world=world)
+        save_file({k: v.contiguous() for k, v in part.items()}, shard_dir / f"{name}.rank{rank}.safetensors")
+    distributed.barrier()
+    if distributed.is_main_process():
+        splits = ((name, cast(merge_shards([load_file(shard_dir / f"{name}.rank{r}.safetensors")
+                                            for r in range(world)], split["captions"])))
+                  for name, split in dataset.items())
+        meta = write_feature_cache(out_dir, splits, meta)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    distributed.barrier()
+    return read_json(out_dir / "fingerprint.json")
 
 
 def write_feature_cache(out_dir: str | Path, splits: Iterable[tuple[str, dict[str, torch.Tensor]]],
@@ -247,4 +297,4 @@ def load_features(cache_dir: str | Path, split: str, stream: bool = False) -> Fe
             t2i = st.get_tensor("text_to_image")
         return Features(StreamedRows(f, "vision"), StreamedRows(f, "text"), t2i)
     t = load_file(f)
-    return Features(t["vision"], t["text"], t["text_to_image"])
+    return Features(t["vision"].float(), t["text"].float(), t["text_to_image"])

@@ -89,6 +89,10 @@ def check_data(cfg: PrepareConfig) -> None:
         if not path.is_dir():
             raise ValueError(f"prepare.imagefolder.path='{cfg.imagefolder.path}' is not a directory. Fix: point it at a "
                              "folder of images with metadata.jsonl or metadata.csv")
+    elif cfg.source == "webdataset":
+        from .data.webdataset import shard_paths
+
+        shard_paths(cfg.webdataset.path)  # raises naming the pattern when it matches no shard
     elif cfg.source == "hf":
         path = Path(cfg.hf.path).expanduser()
         if path.exists() or not hub_unreachable():

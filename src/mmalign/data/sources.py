@@ -1,7 +1,7 @@
 """User data sources -> raw train/val/test splits with columns id, image (undecoded), captions.
 
 `hf`: a hub id, a save_to_disk directory or a parquet file/directory, loaded with `datasets`;
-`imagefolder`: see imagefolder.py. Rows sharing an id are one image (one row per caption, as in
+`imagefolder`: see imagefolder.py; `webdataset`: img2dataset tar shards, see webdataset.py. Rows sharing an id are one image (one row per caption, as in
 COCO's annotation files); a source with one split is divided by `prepare.split_ratios`. Images are
 not decoded here: samples.py checks them.
 """
@@ -9,6 +9,7 @@ not decoded here: samples.py checks them.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import numpy as np
 from ..config import HFSourceConfig, PrepareConfig, SplitNames
 from ..hub import datasets_offline_if_unreachable, hub_unreachable, offline_flag
 from .imagefolder import read_imagefolder
+from .webdataset import read_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ def check_not_empty(splits: dict[str, Any], where: str, after: str = "") -> None
                              "add data, or change prepare.splits / prepare.split_ratios")
 
 
-def load_source(cfg: PrepareConfig, clean: Callable[[Any, str], Any] | None = None) -> tuple[dict[str, Any], str]:
+def load_source(cfg: PrepareConfig, clean: Callable[[Any, str], Any] | None = None,
+                work_dir: Path | None = None) -> tuple[dict[str, Any], str]:
     """(raw {train, val, test} splits with columns id, image, captions; a description of the source).
 
     `clean(split, role)` drops bad samples; a source with a single split is cleaned before it is divided
@@ -163,6 +166,11 @@ def load_source(cfg: PrepareConfig, clean: Callable[[Any, str], Any] | None = No
     if cfg.source == "imagefolder":
         where = f"image folder {cfg.imagefolder.path}"
         found = read_imagefolder(Path(cfg.imagefolder.path).expanduser(), cfg.imagefolder.caption_column)
+    elif cfg.source == "webdataset":
+        wds = cfg.webdataset
+        where = f"webdataset shards {wds.path}"
+        found = read_webdataset(wds.path, wds.image_exts, wds.caption_ext.strip(". ").lower(),
+                                work_dir or Path(tempfile.mkdtemp(prefix="mmalign-wds-")))
     else:
         hf = cfg.hf
         where = f"dataset {hf.path}" + (f" ({hf.name})" if hf.name else "")

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..config import BUILTIN_VISION, ModelsConfig, PrepareConfig
 from ..data.samples import clean_split
 from ..data.sources import check_not_empty, load_source, split_sizes
 from ..encoders import FrozenTextEncoder, FrozenVisionEncoder, build_tiny_clip
 from ..features import build_feature_cache
-from ..utils import atomic_path, get_device, write_json
+from ..utils import atomic_path, get_device, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def user_dataset(cfg: PrepareConfig, work_dir: Path) -> tuple[Any, dict[str, int
         skipped.update(counts)
         return good
 
-    splits, where = load_source(cfg, clean)
+    splits, where = load_source(cfg, clean, work_dir)
     check_not_empty(splits, where, after=f" left after skipping bad samples ({dict(skipped)})" if skipped else "")
     log.info("%s: %s images (%d bad samples skipped)", where, split_sizes(splits), sum(skipped.values()))
     return datasets.DatasetDict(splits), dict(sorted(skipped.items()))
@@ -72,20 +73,40 @@ def build_models(models: ModelsConfig, cfg: PrepareConfig, out_dir: Path) -> dic
 
 def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir: Path, features_dir: Path,
         report_path: Path, tracker: Any) -> dict[str, Any]:
+    """Under `accelerate launch` with N processes, rank 0 builds the dataset and the stand-in, then
+    every rank encodes its share of the batches (features.build_feature_cache) and rank 0 writes."""
     import datasets
 
-    with atomic_path(dataset_dir) as tmp, tempfile.TemporaryDirectory(
-            prefix=".prepare-", dir=dataset_dir.parent) as work:  # beside the outputs: real datasets are large
-        dataset, skipped = (synthetic_dataset(cfg), {}) if cfg.source == "synthetic" else user_dataset(cfg, Path(work))
-        dataset.save_to_disk(str(tmp))
-
-    dataset = datasets.load_from_disk(str(dataset_dir))  # re-open: fingerprints/images now come from disk
-    resolved = build_models(models, cfg, models_dir)
-    vision = FrozenVisionEncoder(resolved["vision"], models.trust_remote_code, cfg.vision_pooling, cfg.vision_grid)
-    text = FrozenTextEncoder(resolved["text"], models.trust_remote_code)
-    vision.to(get_device())
-    text.to(get_device())
-    fingerprint = build_feature_cache(dataset, vision, text, features_dir, cfg.batch_size, cfg.num_workers)
+    main = distributed.is_main_process()
+    work = dataset_dir.parent / f".{dataset_dir.name}.work"  # beside the outputs (real datasets are large)
+    try:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            dataset, skipped = (synthetic_dataset(cfg), {}) if cfg.source == "synthetic" else user_dataset(cfg, work)
+            dataset.save_to_disk(str(work / "full"))
+            build_models(models, cfg, models_dir)
+        distributed.barrier()
+        resolved = read_json(models_dir / "models.json")
+        dataset = datasets.load_from_disk(str(work / "full"))  # re-open: fingerprints/images now come from disk
+        vision = FrozenVisionEncoder(resolved["vision"], models.trust_remote_code, cfg.vision_pooling,
+                                     cfg.vision_grid)
+        text = FrozenTextEncoder(resolved["text"], models.trust_remote_code)
+        vision.to(get_device())
+        text.to(get_device())
+        fingerprint = build_feature_cache(dataset, vision, text, features_dir, cfg.batch_size, cfg.num_workers,
+                                          cfg.feature_dtype)
+        if not main:
+            return {}
+        # Later stages read captions and ids; images only of the test split (evaluate's figures): no second
+        # copy of the training images (benchmarks/bench_prepare_disk.py measures the ratio).
+        lean = datasets.DatasetDict({name: split if name == "test" else split.remove_columns("image")
+                                     for name, split in dataset.items()})
+        with atomic_path(dataset_dir) as tmp:
+            lean.save_to_disk(str(tmp))
+    finally:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
     report = {
         "source": cfg.source,
         "splits": {name: {"images": len(split), "captions": sum(len(c) for c in split["captions"])}
