@@ -15,7 +15,28 @@ from pathlib import Path
 CONFIG = "configs/accelerate.yaml"
 
 
+def preflight(argv: list[str]) -> str | None:
+    """The stage's own checks (params, model ids, data path) before accelerate and torch load: a bad
+    id fails in about a second, not after every process has started. Returns the error line."""
+    from mmalign.entry import one_line
+    from mmalign.params import load_params, preflight as check
+
+    stage = Path(argv[0]).stem
+    params = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml"
+    try:
+        check(load_params(params), data=stage == "prepare")
+    except Exception as e:  # noqa: BLE001 - reported as the stage's one line, as the stage itself would
+        if os.environ.get("MMALIGN_DEBUG"):
+            raise
+        return f"{stage} failed: {one_line(e)}"
+    return None
+
+
 def main(argv: list[str]) -> int:
+    error = preflight(argv)
+    if error:
+        print(f"(MMALIGN_DEBUG=1 shows the traceback)\nERROR: {error}", file=sys.stderr)
+        return 1
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     with tempfile.TemporaryDirectory(prefix="mmalign-errors-") as errors:

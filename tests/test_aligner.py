@@ -13,7 +13,8 @@ from safetensors import safe_open
 from mmalign.aligner import VisionTextAligner
 from mmalign.config import AlignmentConfig
 from mmalign.data.dataset import FeaturePairBatches, ImageTextDataset, create_dataloader
-from mmalign.encoders import MINILM_ID, FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.hub import MINILM_ID
 from mmalign.losses import alignment_loss
 from mmalign.train import train_alignment
 

@@ -10,7 +10,8 @@ import torch
 
 import mmalign.features as features
 from mmalign.config import PrepareConfig
-from mmalign.encoders import MINILM_ID, FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.hub import MINILM_ID
 from mmalign.features import build_feature_cache, load_features
 from mmalign.pipeline.prepare import synthetic_dataset
 

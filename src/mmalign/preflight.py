@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelsConfig, PrepareConfig
-from .hub import hub_unreachable, offline_flag
+from .hub import hub_unreachable, offline_flag, resolve_text_model
 
 KINDS = {"vision": "vision encoder", "text": "text encoder", "llm": "LLM"}
 PROBE_TIMEOUT_S = 5.0
@@ -63,8 +63,6 @@ def _hub_problem(name: str) -> str | None:
 def model_problem(name: str) -> str | None:
     if name.startswith("builtin:"):
         return None
-    from .encoders import resolve_text_model
-
     path = Path(resolve_text_model(name)).expanduser()
     if path.exists():
         return _local_model_problem(path)
