@@ -8,9 +8,6 @@ import click
 
 from mmalign.entry import run_entry
 from mmalign.params import evaluate_config, load_params, preflight, setup_logging, tracking_config
-from mmalign.pipeline import evaluate
-from mmalign.captioner import log_captioner
-from mmalign.tracking import stage_run
 
 
 @click.command()
@@ -26,7 +23,11 @@ def main(params_path: str, aligner: Path, features: Path, align_plots: Path, pro
          project_plots: Path | None, dataset: Path | None, out: Path) -> None:
     setup_logging()
     params = load_params(params_path)
-    preflight(params)
+    preflight(params)  # before the heavy imports: a bad id fails in about a second
+    from mmalign.pipeline import evaluate
+    from mmalign.captioner import log_captioner
+    from mmalign.tracking import stage_run
+
     cfg, tracking = evaluate_config(params), tracking_config(params)
     # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:

@@ -8,8 +8,6 @@ import click
 
 from mmalign.entry import run_entry
 from mmalign.params import load_params, models_config, prepare_config, preflight, setup_logging, tracking_config
-from mmalign.pipeline import build_llm
-from mmalign.tracking import stage_run
 
 
 @click.command()
@@ -20,7 +18,10 @@ from mmalign.tracking import stage_run
 def main(params_path: str, dataset: Path, out: Path) -> None:
     setup_logging()
     params = load_params(params_path)
-    preflight(params)
+    preflight(params)  # before the heavy imports: a bad id fails in about a second
+    from mmalign.pipeline import build_llm
+    from mmalign.tracking import stage_run
+
     models, tracking = models_config(params), tracking_config(params)
     with stage_run("llm", tracking.experiment, tracking.required,
                    {"models": {"llm": models.llm}, "prepare": {"tiny_llm": params.get("prepare", {}).get("tiny_llm")}},
