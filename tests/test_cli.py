@@ -13,6 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import subprocess
+import sys
+import time
+
 from mmalign import MultimodalLLM, VisionTextAligner
 from mmalign.cli import mmalign
 
@@ -157,7 +161,8 @@ def bad_inputs(tiny_checkpoint, image_dir) -> Path:
      "the LLM 'models/builtin/no-such-llm' named in bad/projector/config.json is not a directory"),
     (["caption", "images", "-o", "captions.txt"], "must end in .csv or .jsonl"),
     (["search", "a red circle", "--images", "bad/empty"], "no images in directory bad/empty"),
-    (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 is out of range"),
+    (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 was not trained"),
+    (["caption", "images/img0.png", "bad/broken.png", "--strict"], "cannot read image bad/broken.png"),
     (["embed", "--images", "images", "--texts", "red", "-o", "x.npy"], "give either --images or --texts"),
     (["embed", "--texts", "missing.txt", "-o", "x.npy"], "text file missing.txt does not exist"),
     (["embed", "--texts", "red", "-o", "x.csv"], "must end in .npy or .parquet"),
@@ -167,3 +172,43 @@ def test_errors_are_one_clear_line(run, bad_inputs, args, message):
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_unreadable_image_is_skipped_with_a_warning(run, image_dir, bad_inputs, tiny_checkpoint):
+    good = sorted(image_dir.glob("*.png"))[:2]
+    args = [good[0], "bad/broken.png", good[1]]
+    result = run("caption", *args, "--max-new-tokens", 6, "-o", "out/skip.csv")
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(tiny_checkpoint / "out/skip.csv")["image"]) == [str(p) for p in good]
+    assert "skipped 1 unreadable image: bad/broken.png" in result.stderr
+    assert "wrote 2 captions" in result.stderr
+
+    result = run("embed", "--images", *args, "--dim", 8, "-o", "out/skip.parquet")
+    assert result.exit_code == 0 and "skipped 1 unreadable image" in result.stderr
+    assert list(pd.read_parquet(tiny_checkpoint / "out/skip.parquet")["image"]) == [str(p) for p in good]
+
+    result = run("search", "a red circle", *[x for a in args for x in ("--images", a)])
+    assert result.exit_code == 0 and "skipped 1 unreadable image" in result.stderr
+    assert sorted(line.split("\t")[1] for line in result.stdout.splitlines()) == [str(p) for p in good]
+
+
+@pytest.mark.parametrize("dim", [12, 48])
+def test_untrained_dim_is_refused_with_the_trained_dims(run, dim):
+    result = run("embed", "--texts", "a red circle", "--dim", dim, "-o", "x.npy")
+    assert result.exit_code != 0
+    assert f"--dim {dim} was not trained: this aligner's Matryoshka dims are 8, 16, 32" in result.stderr
+
+
+def test_device_defaults_to_the_best_available(run):
+    assert "[default: auto]" in run("caption", "--help").output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["caption", "--help"], ["embed", "--help"], ["search", "--help"]])
+def test_help_is_fast_and_imports_no_torch(args):
+    code = ("import sys\nfrom mmalign.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'pandas') if m in sys.modules]\n"
+            "print('heavy:', heavy)")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    assert time.monotonic() - start < 2.0
+    assert "Usage: mmalign" in out and "heavy: []" in out

@@ -57,11 +57,13 @@ def report(message: str) -> None:
 
 aligner_option = click.option("--aligner", default="models/aligner", show_default=True,
                               type=click.Path(path_type=Path, file_okay=False), help="Phase 1 checkpoint directory.")
-device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="Where the models run (auto: cuda, then mps, then cpu).")
+strict_option = click.option("--strict", is_flag=True,
+                             help="Stop at the first unreadable image instead of skipping it with a warning.")
 dim_option = click.option("--dim", type=click.IntRange(min=1), default=None,
                           help="Matryoshka embedding size: a prefix of the aligned embedding, re-normalised. "
-                               "The trained sizes are the checkpoint's mrl_dims; default: the full d_align.")
+                               "One of the trained sizes (the checkpoint's mrl_dims); default: the full d_align.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,11 +74,27 @@ def mmalign() -> None:
     Checkpoints name their frozen models by the paths `dvc repro` wrote (relative to the repo root),
     so run these commands from the repo root.
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model; the bars of the work itself stay
+    # Nothing heavy here: this runs before a subcommand's --help too, which must not import torch.
     level = os.environ.get("MMALIGN_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" bar per model; the bars of the work itself stay. Called once a command runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def report_skipped(skipped: list[tuple[Path, str]] | None) -> None:
+    if skipped:
+        report(f"warning: skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)}: "
+               + ", ".join(str(p) for p, _ in skipped) + " (--strict stops at the first instead)")
+
+
+def kept(paths: list[Path], skipped: list[tuple[Path, str]] | None) -> list[Path]:
+    gone = {p for p, _ in skipped or ()}
+    return [p for p in paths if p not in gone]
 
 
 @mmalign.command()
@@ -91,19 +109,25 @@ def mmalign() -> None:
               help="captions.csv or captions.jsonl (columns image, caption). Default: stdout, "
                    "one 'IMAGE<TAB>CAPTION' line per image.")
 @device_option
+@strict_option
 def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: str | None, max_new_tokens: int,
-            batch_size: int, output: Path | None, device: str) -> None:
+            batch_size: int, output: Path | None, device: str, strict: bool) -> None:
     """Caption IMAGES (files or directories of images) with a trained aligner + projector + LLM.
 
-    Greedy decoding: the same images always get the same captions.
+    Greedy decoding: the same images always get the same captions. An unreadable image is skipped with
+    a warning (no row in the output), unless --strict.
     """
     check_suffix(output, TABLE_SUFFIXES)
+    quiet_loading()
     from .inference import caption_files, list_images, load_captioner, resolve_device
 
+    skipped: list | None = None if strict else []
     with user_errors():
         paths = list_images(images)
         model = load_captioner(aligner, projector, device=resolve_device(device))
-        captions = caption_files(model, paths, prompt, max_new_tokens, batch_size)
+        captions = caption_files(model, paths, prompt, max_new_tokens, batch_size, skipped)
+    paths = kept(paths, skipped)
+    report_skipped(skipped)
     if output is None:
         for path, text in zip(paths, captions):
             click.echo(f"{path}\t{text}")
@@ -125,28 +149,37 @@ def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: st
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @aligner_option
 @device_option
+@strict_option
 def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...], dim: int | None, output: Path,
-          batch_size: int, aligner: Path, device: str) -> None:
+          batch_size: int, aligner: Path, device: str, strict: bool) -> None:
     """Embed images or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
 
     Give either --images or --texts; further arguments (MORE) add to that list, so a shell glob works:
     `mmalign embed --images photos/*.jpg -o photos.npy`. Directories are searched recursively, files
-    come in sorted order.
+    come in sorted order. An unreadable image is skipped with a warning (no row in the output), unless
+    --strict.
     """
     if bool(images) == bool(texts):
         raise click.UsageError("give either --images or --texts (one of them, not both)")
     check_suffix(output, EMBED_SUFFIXES)
+    quiet_loading()
     import numpy as np
 
     from .inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
     from .utils import atomic_path
 
     kind = "image" if images else "text"
+    skipped: list | None = None if strict else []
     with user_errors():
         items: list = list_images([*images, *more]) if images else read_texts([*texts, *more])
         model = load_aligner(aligner, ("vision" if images else "text",), device=resolve_device(device), dim=dim)
-        fn = embed_images if images else embed_texts
-        z = fn(model, items, dim, batch_size).numpy().astype(np.float32)  # (N, dim)
+        if images:
+            z = embed_images(model, items, dim, batch_size, skipped)
+            items = kept(items, skipped)
+        else:
+            z = embed_texts(model, items, dim, batch_size)
+        z = z.numpy().astype(np.float32)  # (N, dim)
+    report_skipped(skipped)
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
             with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
@@ -170,17 +203,23 @@ def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @aligner_option
 @device_option
+@strict_option
 def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, output: Path | None,
-           batch_size: int, aligner: Path, device: str) -> None:
-    """Rank the images under --images by how well they match the text QUERY (cosine similarity)."""
+           batch_size: int, aligner: Path, device: str, strict: bool) -> None:
+    """Rank the images under --images by how well they match the text QUERY (cosine similarity).
+    An unreadable image is skipped with a warning, unless --strict."""
     check_suffix(output, TABLE_SUFFIXES)
+    quiet_loading()
     from .inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
 
+    skipped: list | None = None if strict else []
     with user_errors():
         paths = list_images(images)
         model = load_aligner(aligner, ("vision", "text"), device=resolve_device(device), dim=dim)
-        z_images = embed_images(model, paths, dim, batch_size)  # (N, dim)
+        z_images = embed_images(model, paths, dim, batch_size, skipped)  # (N, dim)
         z_query = embed_texts(model, [query], dim)[0]  # (dim,)
+    paths = kept(paths, skipped)
+    report_skipped(skipped)
     indices, scores = rank(z_query, z_images, top_k)
     rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])}
             for r, (i, s) in enumerate(zip(indices, scores))]

@@ -65,6 +65,25 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
+def load_images(paths: Sequence[str | Path], skipped: list[tuple[Path, str]] | None = None
+                ) -> tuple[list[Path], list[Image.Image]]:
+    """Image files -> (the paths that were read, their images). `skipped` None: an unreadable file raises
+    InputError; a list: the file is left out with a warning, and (path, reason) appended to the list."""
+    kept: list[Path] = []
+    images: list[Image.Image] = []
+    for path in map(Path, paths):
+        try:
+            images.append(load_image(path))
+        except InputError as e:
+            if skipped is None:
+                raise
+            log.warning("skipped: %s", e)
+            skipped.append((path, str(e)))
+            continue
+        kept.append(path)
+    return kept, images
+
+
 def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
     """Encoded image bytes, or the same as a base64 string -> upright RGB."""
     if isinstance(value, str):
@@ -140,7 +159,7 @@ def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vis
     overrides = {"device": device, **({"vision_model_name": str(vision)} if vision else {})}
     try:
         model = VisionTextAligner.from_pretrained(d, **overrides).eval()
-        check_dim(model, dim, warn=False)
+        check_dim(model, dim)
         for tower in need:
             getattr(model, f"{tower}_encoder")
     except ModelLoadError as e:
@@ -164,18 +183,26 @@ def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str 
     return mm.to(device).eval()
 
 
+def _none_read(paths: Sequence, skipped: list[tuple[Path, str]] | None) -> InputError:
+    first = f": {skipped[0][1]}" if skipped else ""
+    return InputError(f"none of the {len(paths)} images could be read{first}")
+
+
 # -- embeddings --------------------------------------------------------------------------------------
-def check_dim(aligner: VisionTextAligner, dim: int | None, warn: bool = True) -> int:
-    """The embedding size to use: `dim`, or the full d_align when None."""
-    cfg = aligner.cfg
+def trained_dims(aligner: VisionTextAligner) -> list[int]:
+    """The embedding sizes the Matryoshka loss trained: the checkpoint's mrl_dims and the full d_align."""
+    return sorted({*aligner.cfg.mrl_dims, aligner.cfg.d_align})
+
+
+def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
+    """The embedding size to use: `dim`, or the full d_align when None. A prefix size the loss never
+    trained is refused (its embeddings are not aligned: nothing pulled matching pairs together at it)."""
     if dim is None:
-        return cfg.d_align
-    if not 1 <= dim <= cfg.d_align:
-        raise InputError(f"--dim {dim} is out of range: this aligner has d_align={cfg.d_align}; "
-                         f"trained Matryoshka dims: {', '.join(map(str, cfg.mrl_dims))}")
-    if warn and dim not in cfg.mrl_dims and dim != cfg.d_align:
-        log.warning("dim %d is not one of the trained Matryoshka dims (%s): the loss never saw this prefix size",
-                    dim, ", ".join(map(str, cfg.mrl_dims)))
+        return aligner.cfg.d_align
+    dims = trained_dims(aligner)
+    if dim not in dims:
+        raise InputError(f"--dim {dim} was not trained: this aligner's Matryoshka dims are "
+                         f"{', '.join(map(str, dims))}; pass one of them")
     return dim
 
 
@@ -186,11 +213,18 @@ def truncate(z: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: int | None = None,
-                 batch_size: int = 64) -> torch.Tensor:
-    """Image files -> unit-norm embeddings (N, dim), in the order given."""
+                 batch_size: int = 64, skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
+    """Image files -> unit-norm embeddings (N, dim), in the order given. `skipped`: see load_images (the
+    rows of skipped files are left out)."""
     dim = check_dim(aligner, dim)
+    out = []
     with batched(paths, batch_size, "embedding images", "image") as chunks:
-        out = [aligner.encode_images([load_image(p) for p in chunk]).cpu() for chunk in chunks]
+        for chunk in chunks:
+            images = load_images(chunk, skipped)[1]
+            if images:
+                out.append(aligner.encode_images(images).cpu())
+    if not out:
+        raise _none_read(paths, skipped)
     return truncate(torch.cat(out), dim)
 
 
@@ -213,12 +247,17 @@ def rank(query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> tuple[lis
 
 # -- captions ----------------------------------------------------------------------------------------
 def caption_files(mm: MultimodalLLM, paths: Sequence[str | Path], prompt: str | None = None,
-                  max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with."""
+                  max_new_tokens: int = 48, batch_size: int = 16,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[str]:
+    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with.
+    `skipped`: see load_images (skipped files get no caption)."""
     prompt = mm.cfg.prompt if prompt is None else prompt
     captions: list[str] = []
     with batched(paths, batch_size, "captioning", "image") as chunks:
         for chunk in chunks:
-            captions += mm.generate([load_image(p) for p in chunk], prompt=prompt, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size)
+            images = load_images(chunk, skipped)[1]
+            if images:
+                captions += mm.generate(images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if not captions and paths:
+        raise _none_read(paths, skipped)
     return captions
