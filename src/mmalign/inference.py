@@ -85,7 +85,9 @@ def load_images(paths: Sequence[str | Path], skipped: list[tuple[Path, str]] | N
 
 
 def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
-    """Encoded image bytes, or the same as a base64 string -> upright RGB."""
+    """Encoded image bytes, or the same as base64 (a string, or its ASCII bytes: MLflow's scoring server
+    decodes base64 for `dataframe_split`/`dataframe_records` payloads but passes the text of `inputs` and
+    `instances` through as bytes) -> upright RGB."""
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=False)
@@ -95,6 +97,14 @@ def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.I
         raise InputError(f"{name}: expected image bytes or a base64 string, got {type(value).__name__}")
     try:
         return open_rgb(bytes(value))[0]
+    except BadSample as e:
+        error = e
+    try:
+        decoded = base64.b64decode(bytes(value), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{name}: {error}") from None
+    try:
+        return open_rgb(decoded)[0]
     except BadSample as e:
         raise InputError(f"{name}: {e}") from None
 
