@@ -52,7 +52,8 @@ def pil_images(paths):
 
 @pytest.mark.parametrize("command, expected", [
     ([], ["caption", "embed", "search"]),
-    (["caption"], ["--aligner", "--projector", "--prompt", "--max-new-tokens", "--batch-size", "--output"]),
+    (["caption"], ["--aligner", "--projector", "--model", "--prompt", "--max-new-tokens", "--batch-size", "--output"]),
+    (["export"], ["--out", "--copy-models", "--no-projector"]),
     (["embed"], ["--images", "--texts", "--dim", "--output"]),
     (["search"], ["QUERY", "--images", "--top-k", "--dim"]),
 ])
@@ -212,3 +213,42 @@ def test_help_is_fast_and_imports_no_torch(args):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
     assert time.monotonic() - start < 2.0
     assert "Usage: mmalign" in out and "heavy: []" in out
+
+
+@pytest.mark.parametrize("copy_models", [False, True])
+def test_exported_model_captions_from_another_directory(run, image_dir, tiny_checkpoint, tmp_path, monkeypatch,
+                                                        copy_models):
+    out = tmp_path / "export"
+    result = run("export", "--out", out, *(["--copy-models"] if copy_models else []))
+    assert result.exit_code == 0, result.output
+    paths = sorted(image_dir.glob("*.png"))[:2]
+    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    expected = mm.generate(pil_images(paths), prompt=mm.cfg.prompt, max_new_tokens=6)
+
+    if copy_models:  # the directory stands alone: it still loads once moved
+        moved = tmp_path / "moved"
+        out.rename(moved)
+        out = moved
+        assert json.loads((out / "aligner/config.json").read_text())["vision_model_name"] == "models/vision"
+        assert json.loads((out / "projector/config.json").read_text())["model_name"] == "models/llm"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(mmalign, ["caption", *map(str, paths), "--model", str(out), "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "".join(f"{p}\t{c}\n" for p, c in zip(paths, expected))
+
+    import mmalign as package
+
+    loaded = package.from_pretrained(out, device="cpu")  # the Python loader
+    assert loaded.generate(pil_images(paths), prompt=loaded.cfg.prompt, max_new_tokens=6) == expected
+    if copy_models:
+        assert loaded.aligner.cfg.vision_model_name.startswith(str(out)) and loaded.cfg.model_name.startswith(str(out))
+    result = CliRunner().invoke(mmalign, ["embed", "--texts", "a red circle", "--model", str(out), "--dim", 8,
+                                          "-o", "t.npy"])
+    assert result.exit_code == 0, result.output
+
+
+def test_model_option_names_a_directory_that_is_no_export(run, tiny_checkpoint):
+    result = run("caption", "images", "--model", "models")
+    assert result.exit_code != 0 and "models is not an exported mmalign model" in result.output

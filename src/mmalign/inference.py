@@ -22,6 +22,7 @@ from PIL import Image
 from .aligner import VisionTextAligner
 from .data.images import BadSample, open_rgb
 from .encoders import ModelLoadError
+from .export import checkpoint_dirs, export_root, resolve_model_name
 from .llm import MultimodalLLM
 from .utils import get_device, progress, read_json
 
@@ -151,9 +152,40 @@ def _model_error(e: ModelLoadError, checkpoint: Path, key: str, name: str) -> In
     where = f"the {key} '{name}' named in {checkpoint}/config.json"
     if Path(name).expanduser().exists():
         return InputError(f"{where} does not load: {e}")
+    if Path(name).is_absolute():
+        return InputError(f"{where} does not exist: export the model with `mmalign export --copy-models` "
+                          "to carry the frozen models inside it")
     # Checkpoints name their models as `prepare` wrote them: paths relative to the repo root.
     return InputError(f"{where} is not a directory under {os.getcwd()} ({str(e).split('. Fix:')[0]}): "
-                      "run mmalign from the repo root the checkpoint was trained in")
+                      "run mmalign from the repo root the checkpoint was trained in, or export it (`mmalign export`) "
+                      "and pass --model")
+
+
+def _exported_names(checkpoint: Path, keys: Sequence[str]) -> dict[str, str]:
+    """In an export directory (export.py), models copied in are named relative to it: resolve them."""
+    root = export_root(checkpoint)
+    if root is None:
+        return {}
+    cfg = read_json(checkpoint / "config.json")
+    return {k: resolve_model_name(cfg[k], root) for k in keys if cfg.get(k)}
+
+
+def model_dirs(model_dir: str | Path) -> tuple[Path, Path | None]:
+    """An exported model directory -> (aligner dir, projector dir or None); InputError if it is not one."""
+    try:
+        return checkpoint_dirs(model_dir)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+
+
+def from_pretrained(model_dir: str | Path, device: str = "auto") -> MultimodalLLM | VisionTextAligner:
+    """An exported model directory (`mmalign export`), from any working directory, in eval mode: the
+    captioner (MultimodalLLM; its `.aligner` embeds), or the aligner when the export has no projector."""
+    aligner_dir, projector_dir = model_dirs(model_dir)
+    device = resolve_device(device)
+    if projector_dir is None:
+        return load_aligner(aligner_dir, (), device=device)
+    return load_captioner(aligner_dir, projector_dir, device=device)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -166,7 +198,8 @@ def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vis
     encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with;
     `dim`, if given, is checked against the checkpoint before any encoder loads."""
     d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
-    overrides = {"device": device, **({"vision_model_name": str(vision)} if vision else {})}
+    overrides = {"device": device, **_exported_names(d, ("vision_model_name", "text_model_name")),
+                 **({"vision_model_name": str(vision)} if vision else {})}
     try:
         model = VisionTextAligner.from_pretrained(d, **overrides).eval()
         check_dim(model, dim)
@@ -186,8 +219,9 @@ def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str 
     LLM (`model_name`); `llm`/`vision` override the model paths the checkpoints were trained with."""
     aligner = load_aligner(aligner_dir, ("vision",), vision, device)
     d = _check_checkpoint(projector_dir, "projector", "--projector")
+    overrides = {**_exported_names(d, ("model_name",)), **({"model_name": str(llm)} if llm else {})}
     try:
-        mm = MultimodalLLM.from_pretrained(d, aligner, **({"model_name": str(llm)} if llm else {}))
+        mm = MultimodalLLM.from_pretrained(d, aligner, **overrides)
     except ModelLoadError as e:
         raise _model_error(e, d, "LLM", llm or read_json(d / "config.json")["model_name"]) from None
     return mm.to(device).eval()
