@@ -19,11 +19,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from .inference import MANIFEST
 from .utils import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "mmalign.json"
 # config key of each frozen model, per checkpoint -> its folder under DIR/models when copied in
 MODEL_KEYS = {"aligner": {"vision_model_name": "vision", "text_model_name": "text"}, "projector": {"model_name": "llm"}}
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "checksums.json")
@@ -65,27 +65,3 @@ def export_model(aligner_dir: str | Path, projector_dir: str | Path | None, out:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("exported %s to %s", " + ".join(sources), out)
     return out
-
-
-def export_root(checkpoint_dir: str | Path) -> Path | None:
-    """The export directory a checkpoint lies in, or None for a pipeline checkpoint."""
-    parent = Path(checkpoint_dir).resolve().parent
-    return parent if (parent / MANIFEST).is_file() else None
-
-
-def resolve_model_name(name: str, root: Path | None) -> str:
-    """A model name from an exported config: a path inside the export -> that path; anything else as is."""
-    if root is None or not name or Path(name).is_absolute():
-        return name
-    inside = root / name
-    return str(inside) if inside.exists() else name
-
-
-def checkpoint_dirs(model_dir: str | Path) -> tuple[Path, Path | None]:
-    """An export directory -> (aligner dir, projector dir or None). FileNotFoundError if it is not one."""
-    d = Path(model_dir)
-    if not (d / MANIFEST).is_file():
-        raise FileNotFoundError(f"{d} is not an exported mmalign model (no {MANIFEST}): write one with "
-                                f"`mmalign export --out {d}` from the repo root")
-    manifest = read_json(d / MANIFEST)
-    return d / manifest["aligner"], (d / manifest["projector"]) if manifest.get("projector") else None

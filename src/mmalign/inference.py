@@ -22,7 +22,6 @@ from PIL import Image
 from .aligner import VisionTextAligner
 from .data.images import BadSample, open_rgb
 from .encoders import ModelLoadError
-from .export import checkpoint_dirs, export_root, resolve_model_name
 from .llm import MultimodalLLM
 from .utils import get_device, progress, read_json
 
@@ -140,6 +139,24 @@ def batched(items: Sequence, batch_size: int, desc: str, unit: str = "item") -> 
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
+# An exported model directory (export.py) holds this manifest beside its aligner/ and projector/.
+MANIFEST = "mmalign.json"
+
+
+def export_root(checkpoint_dir: str | Path) -> Path | None:
+    """The export directory a checkpoint lies in, or None for a pipeline checkpoint."""
+    parent = Path(checkpoint_dir).resolve().parent
+    return parent if (parent / MANIFEST).is_file() else None
+
+
+def resolve_model_name(name: str, root: Path | None) -> str:
+    """A model name from an exported config: a path inside the export -> that path; anything else as is."""
+    if root is None or not name or Path(name).is_absolute():
+        return name
+    inside = root / name
+    return str(inside) if inside.exists() else name
+
+
 def _check_checkpoint(directory: str | Path, what: str, option: str) -> Path:
     d = Path(directory)
     if not (d / "model.safetensors").is_file() or not (d / "config.json").is_file():
@@ -172,10 +189,12 @@ def _exported_names(checkpoint: Path, keys: Sequence[str]) -> dict[str, str]:
 
 def model_dirs(model_dir: str | Path) -> tuple[Path, Path | None]:
     """An exported model directory -> (aligner dir, projector dir or None); InputError if it is not one."""
-    try:
-        return checkpoint_dirs(model_dir)
-    except FileNotFoundError as e:
-        raise InputError(str(e)) from None
+    d = Path(model_dir)
+    if not (d / MANIFEST).is_file():
+        raise InputError(f"{d} is not an exported mmalign model (no {MANIFEST}): write one with "
+                         f"`mmalign export --out {d}` from the repo root")
+    manifest = read_json(d / MANIFEST)
+    return d / manifest["aligner"], (d / manifest["projector"]) if manifest.get("projector") else None
 
 
 def from_pretrained(model_dir: str | Path, device: str = "auto") -> MultimodalLLM | VisionTextAligner:
