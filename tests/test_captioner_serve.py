@@ -1,5 +1,6 @@
 """The trained captioner as an MLflow model: logged with a signature, registered, served, and answering a POST
-with the same caption as MultimodalLLM.generate."""
+(any of MLflow's payload formats) with the same caption as MultimodalLLM.generate; a bad image is a 400 with
+one line; the model carries its code and installs from its own requirements.txt."""
 
 from __future__ import annotations
 
@@ -36,13 +37,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict) -> dict:
+def post(url: str, body: dict, status: int = 200) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
-            return json.loads(r.read())
+            code, text = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url} answered {e.code}: {e.read().decode()[:2000]}") from None
+        code, text = e.code, e.read().decode()
+    assert code == status, f"{url} answered {code}: {text[:2000]}"
+    return json.loads(text)
+
+
+def serve(model_uri: str, python: str, log: Path, cwd: Path, env: dict) -> subprocess.Popen:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [python, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port),
+             "-h", "127.0.0.1"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{proc.url}/ping", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def payloads(png: bytes) -> dict[str, dict]:
+    """One image in each JSON format the scoring server takes."""
+    b64 = base64.b64encode(png).decode()
+    return {"dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[b64]]}},
+            "dataframe_records": {"dataframe_records": [{"image": b64}]},
+            "inputs": {"inputs": {"image": [b64]}},
+            "inputs records": {"inputs": [{"image": b64}]},
+            "instances": {"instances": [{"image": b64}]}}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -102,32 +130,74 @@ def test_logged_model_has_signature_example_and_registered_version(registered):
     assert mlflow.MlflowClient().get_model_version(NAME, version).status == "READY"
 
 
-def test_served_model_answers_a_post_with_the_generate_caption(registered, tiny_checkpoint, tmp_path, monkeypatch):
+def expected_caption(tiny_checkpoint: Path, png: bytes, monkeypatch) -> str:
+    monkeypatch.chdir(tiny_checkpoint)  # the checkpoints name their models relative to it
+    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return mm.generate([image], prompt=mm.cfg.prompt, max_new_tokens=MAX_NEW_TOKENS)[0]
+
+
+def test_served_model_answers_every_payload_and_a_bad_image_with_one_line(registered, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch):
     uri, version = registered
-    port = free_port()
-    log = tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     elsewhere = tmp_path / "cwd"  # not the checkpoint's dir: the served model must carry its models
     elsewhere.mkdir()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{version}",
-             "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-            cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    png = example_image_png(48)
+    proc = serve(f"models:/{NAME}/{version}", sys.executable, tmp_path / "serve.log", elsewhere, env)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
-        png = example_image_png(48)
-        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}}
-        answer = post(f"http://127.0.0.1:{port}/invocations", body)
+        answers = {name: post(f"{proc.url}/invocations", body) for name, body in payloads(png).items()}
+        bad = {"inputs": {"image": [base64.b64encode(b"not an image").decode()]}}
+        error = post(f"{proc.url}/invocations", bad, status=400)
+        error_split = post(f"{proc.url}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["%%"]]}},
+                           status=400)
     finally:
         stop(proc)
 
-    monkeypatch.chdir(tiny_checkpoint)  # the checkpoints name their models relative to it
-    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    expected = mm.generate([image], prompt=mm.cfg.prompt, max_new_tokens=MAX_NEW_TOKENS)[0]
-    assert answer == {"predictions": [{"caption": expected}]} and expected
+    expected = expected_caption(tiny_checkpoint, png, monkeypatch)
+    assert expected and answers == dict.fromkeys(answers, {"predictions": [{"caption": expected}]})
+    for e in (error, error_split):
+        assert e["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in e
+        assert "\n" not in e["message"] and e["message"].startswith("row 0, column image:"), e
+    assert "not an image file PIL can read" in error["message"]
+
+
+def test_model_ships_its_code_and_pypi_requirements(registered):
+    uri, version = registered
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}"))
+    requirements = (local / "requirements.txt").read_text().split()
+    names = [r.split("==")[0] for r in requirements]
+    assert "mmalign" not in names and {"mlflow", "torch", "transformers", "pillow"} <= set(names)
+    assert all("+" not in r for r in requirements)  # no local version label (2.13.0+cpu is not on PyPI)
+    assert (local / "code/mmalign/captioner.py").is_file()
+
+
+@pytest.mark.slow
+def test_model_serves_from_a_fresh_venv_with_only_its_requirements(registered, tiny_checkpoint, tmp_path, monkeypatch):
+    """What `mlflow models serve --env-manager virtualenv` does: a new environment with the model's
+    requirements.txt and nothing else (no mmalign installed), then serve. Minutes: it installs torch."""
+    uri, version = registered
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}", dst_path=str(tmp_path / "model")))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([python, "-m", "pip", "install", "-q", "-r", str(local / "requirements.txt")], check=True,
+                   env=env, timeout=1200)
+    assert subprocess.run([python, "-c", "import mmalign"], env=env, capture_output=True).returncode != 0
+
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{venv / 'bin'}{os.pathsep}{env['PATH']}"})
+    png = example_image_png(48)
+    (tmp_path / "cwd").mkdir()
+    proc = serve(str(local), python, tmp_path / "serve.log", tmp_path / "cwd", env)
+    try:
+        answer = post(f"{proc.url}/invocations", payloads(png)["inputs"])
+    finally:
+        stop(proc)
+    assert answer == {"predictions": [{"caption": expected_caption(tiny_checkpoint, png, monkeypatch)}]}
 
 
 def test_log_into_a_run_by_id_and_model_sources(tiny_checkpoint, tmp_path, monkeypatch):

@@ -13,6 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import subprocess
+import sys
+import time
+
 from mmalign import MultimodalLLM, VisionTextAligner
 from mmalign.cli import mmalign
 
@@ -48,7 +52,8 @@ def pil_images(paths):
 
 @pytest.mark.parametrize("command, expected", [
     ([], ["caption", "embed", "search"]),
-    (["caption"], ["--aligner", "--projector", "--prompt", "--max-new-tokens", "--batch-size", "--output"]),
+    (["caption"], ["--aligner", "--projector", "--model", "--prompt", "--max-new-tokens", "--batch-size", "--output"]),
+    (["export"], ["--out", "--copy-models", "--no-projector"]),
     (["embed"], ["--images", "--texts", "--dim", "--output"]),
     (["search"], ["QUERY", "--images", "--top-k", "--dim"]),
 ])
@@ -157,7 +162,8 @@ def bad_inputs(tiny_checkpoint, image_dir) -> Path:
      "the LLM 'models/builtin/no-such-llm' named in bad/projector/config.json is not a directory"),
     (["caption", "images", "-o", "captions.txt"], "must end in .csv or .jsonl"),
     (["search", "a red circle", "--images", "bad/empty"], "no images in directory bad/empty"),
-    (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 is out of range"),
+    (["embed", "--images", "images", "--dim", 33, "-o", "x.npy"], "--dim 33 was not trained"),
+    (["caption", "images/img0.png", "bad/broken.png", "--strict"], "cannot read image bad/broken.png"),
     (["embed", "--images", "images", "--texts", "red", "-o", "x.npy"], "give either --images or --texts"),
     (["embed", "--texts", "missing.txt", "-o", "x.npy"], "text file missing.txt does not exist"),
     (["embed", "--texts", "red", "-o", "x.csv"], "must end in .npy or .parquet"),
@@ -167,3 +173,82 @@ def test_errors_are_one_clear_line(run, bad_inputs, args, message):
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_unreadable_image_is_skipped_with_a_warning(run, image_dir, bad_inputs, tiny_checkpoint):
+    good = sorted(image_dir.glob("*.png"))[:2]
+    args = [good[0], "bad/broken.png", good[1]]
+    result = run("caption", *args, "--max-new-tokens", 6, "-o", "out/skip.csv")
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(tiny_checkpoint / "out/skip.csv")["image"]) == [str(p) for p in good]
+    assert "skipped 1 unreadable image: bad/broken.png" in result.stderr
+    assert "wrote 2 captions" in result.stderr
+
+    result = run("embed", "--images", *args, "--dim", 8, "-o", "out/skip.parquet")
+    assert result.exit_code == 0 and "skipped 1 unreadable image" in result.stderr
+    assert list(pd.read_parquet(tiny_checkpoint / "out/skip.parquet")["image"]) == [str(p) for p in good]
+
+    result = run("search", "a red circle", *[x for a in args for x in ("--images", a)])
+    assert result.exit_code == 0 and "skipped 1 unreadable image" in result.stderr
+    assert sorted(line.split("\t")[1] for line in result.stdout.splitlines()) == [str(p) for p in good]
+
+
+@pytest.mark.parametrize("dim", [12, 48])
+def test_untrained_dim_is_refused_with_the_trained_dims(run, dim):
+    result = run("embed", "--texts", "a red circle", "--dim", dim, "-o", "x.npy")
+    assert result.exit_code != 0
+    assert f"--dim {dim} was not trained: this aligner's Matryoshka dims are 8, 16, 32" in result.stderr
+
+
+def test_device_defaults_to_the_best_available(run):
+    assert "[default: auto]" in run("caption", "--help").output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["caption", "--help"], ["embed", "--help"], ["search", "--help"]])
+def test_help_is_fast_and_imports_no_torch(args):
+    code = ("import sys\nfrom mmalign.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'pandas') if m in sys.modules]\n"
+            "print('heavy:', heavy)")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    assert time.monotonic() - start < 2.0
+    assert "Usage: mmalign" in out and "heavy: []" in out
+
+
+@pytest.mark.parametrize("copy_models", [False, True])
+def test_exported_model_captions_from_another_directory(run, image_dir, tiny_checkpoint, tmp_path, monkeypatch,
+                                                        copy_models):
+    out = tmp_path / "export"
+    result = run("export", "--out", out, *(["--copy-models"] if copy_models else []))
+    assert result.exit_code == 0, result.output
+    paths = sorted(image_dir.glob("*.png"))[:2]
+    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    expected = mm.generate(pil_images(paths), prompt=mm.cfg.prompt, max_new_tokens=6)
+
+    if copy_models:  # the directory stands alone: it still loads once moved
+        moved = tmp_path / "moved"
+        out.rename(moved)
+        out = moved
+        assert json.loads((out / "aligner/config.json").read_text())["vision_model_name"] == "models/vision"
+        assert json.loads((out / "projector/config.json").read_text())["model_name"] == "models/llm"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(mmalign, ["caption", *map(str, paths), "--model", str(out), "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "".join(f"{p}\t{c}\n" for p, c in zip(paths, expected))
+
+    import mmalign as package
+
+    loaded = package.from_pretrained(out, device="cpu")  # the Python loader
+    assert loaded.generate(pil_images(paths), prompt=loaded.cfg.prompt, max_new_tokens=6) == expected
+    if copy_models:
+        assert loaded.aligner.cfg.vision_model_name.startswith(str(out)) and loaded.cfg.model_name.startswith(str(out))
+    result = CliRunner().invoke(mmalign, ["embed", "--texts", "a red circle", "--model", str(out), "--dim", 8,
+                                          "-o", "t.npy"])
+    assert result.exit_code == 0, result.output
+
+
+def test_model_option_names_a_directory_that_is_no_export(run, tiny_checkpoint):
+    result = run("caption", "images", "--model", "models")
+    assert result.exit_code != 0 and "models is not an exported mmalign model" in result.output

@@ -43,11 +43,16 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert (d / "eval/captions.csv").read_text().count("\n") == 16 + 1
     assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
 
-    # One MLflow run per stage, grouped by one pipeline tag; evaluate carries all params + figures.
+    # One MLflow run per stage, nested under one parent run of the pipeline; evaluate carries all params + figures.
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
+    (parent,) = [r for r in runs if "mmalign.stage" not in r.data.tags]
+    runs = [r for r in runs if r is not parent]
     by_stage = {r.data.tags["mmalign.stage"]: r for r in runs}
     assert set(by_stage) == {"prepare", "llm", "align", "project", "evaluate"}
-    assert len({r.data.tags["mmalign.pipeline"] for r in runs}) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert len({r.data.tags["mmalign.pipeline"] for r in [parent, *runs]}) == 1
+    inputs = {i.tags[0].value: i.dataset for i in by_stage["prepare"].inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"} and inputs["train"].name == "synthetic"
     ev = by_stage["evaluate"]
     assert ev.data.params["align.d_align"] == "32" and "project.k" in ev.data.params
     assert "retrieval.i2t.R_at_1" in ev.data.metrics

@@ -21,7 +21,7 @@ _EXPORTS = {
     "VisionTextAligner": "aligner", "AlignmentConfig": "config", "LLMConfig": "config", "LoRAConfig": "config",
     "ImageTextDataset": "data.dataset", "create_dataloader": "data.dataset", "MultimodalLLM": "llm",
     "VisionToLLMProjector": "llm", "train_alignment": "train", "train_projector": "train",
-    "get_device": "utils", "set_seed": "utils",
+    "get_device": "utils", "set_seed": "utils", "from_pretrained": "inference", "export_model": "export",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

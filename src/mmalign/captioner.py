@@ -11,10 +11,35 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .tracking import Tracker, store_lock
 
 log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # shipped inside the logged model (code_paths)
+
+
+class BadInput(MlflowException):
+    """An input the model cannot use: the scoring server answers 400 with this one line as `message`.
+
+    The server rewrites the message of an MlflowException raised in predict to "Failed to predict data
+    '<the whole input>'. \\nError: ..." (for an image, kilobytes of base64 over two lines); this class
+    keeps its own message. Any other exception would be a 400 with the server's stack trace in the body.
+    """
+
+    def __init__(self, message: str):
+        self._line = " ".join(str(message).split())
+        super().__init__(self._line, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass  # the scoring server's rewrite, see the class docstring
 
 
 class CaptionerModel(mlflow.pyfunc.PythonModel):
@@ -25,6 +50,8 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     Input: a DataFrame with column `image` (encoded image bytes, or the same as a base64 string; a
     served model receives JSON, where binary columns are base64) and optional `prompt` (empty: the
     prompt the projector was trained with). Param `max_new_tokens`. Output: a DataFrame, column `caption`.
+    Served, it answers the `dataframe_split`, `dataframe_records`, `inputs` and `instances` payloads; an
+    unreadable image is a 400 whose message is one line naming the row.
     """
 
     def load_context(self, context: Any) -> None:
@@ -39,13 +66,16 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         import pandas as pd
 
-        from .inference import decode_image
+        from .inference import InputError, decode_image
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in df.columns:
-            raise ValueError(f"the input needs a column 'image' (image bytes or base64); got {list(df.columns)}")
+            raise BadInput(f"the input needs a column 'image' (image bytes or base64); got {list(df.columns)}")
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
-        images = [decode_image(v, f"row {i}, column image") for i, v in enumerate(df["image"])]
+        try:
+            images = [decode_image(v, f"row {i}, column image") for i, v in enumerate(df["image"])]
+        except InputError as e:
+            raise BadInput(str(e)) from None
         given = df["prompt"] if "prompt" in df.columns else [None] * len(df)
         prompts = [p if isinstance(p, str) and p else self.model.cfg.prompt for p in given]
         captions = [""] * len(df)
@@ -96,17 +126,19 @@ def _model_source(given: str | Path | None, named: str, key: str, checkpoint: Pa
 
 
 def _requirements() -> list[str]:
-    """Pinned to this environment; given explicitly because MLflow's inference of them loads the model."""
+    """What the served model imports, pinned to this environment and installable from PyPI (mmalign itself
+    travels in the model as code). Given explicitly because MLflow's inference of them loads the model."""
     from importlib import metadata
 
     out = []
-    for dist in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "sentence-transformers",
-                 "pillow", "pandas", "numpy"):
+    for dist in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "sentence-transformers", "peft",
+                 "pillow", "pandas", "numpy", "tqdm"):
         try:
-            out.append(f"{dist}=={metadata.version(dist)}")
+            # A local version label (torch 2.13.0+cpu) is not on PyPI; the public version is.
+            out.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
         except metadata.PackageNotFoundError:
             out.append(dist)
-    return out + ["mmalign"]  # not on PyPI: serve with --env-manager local from an env that has it installed
+    return out
 
 
 def log_captioner(tracker_or_run: Any, aligner_dir: str | Path, projector_dir: str | Path,
@@ -149,7 +181,7 @@ def log_captioner(tracker_or_run: Any, aligner_dir: str | Path, projector_dir: s
         model_config={"max_new_tokens": max_new_tokens, "batch_size": batch_size,
                       **{k: v for k, (kind, v) in models.items() if kind == "id"}},
         signature=signature, input_example=pd.DataFrame({"image": [example_image_png()]}),
-        pip_requirements=_requirements(), registered_model_name=registered_name)
+        pip_requirements=_requirements(), code_paths=[str(PACKAGE_DIR)], registered_model_name=registered_name)
     with tempfile.TemporaryDirectory(prefix="mmalign-captioner-") as tmp, warnings.catch_warnings():
         # predict takes a DataFrame and has no type hints on purpose: the signature above is the schema.
         warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")

@@ -55,13 +55,18 @@ def report(message: str) -> None:
     click.echo(message, err=True)  # stdout carries results only, so it can be piped
 
 
+model_option = click.option("--model", type=click.Path(path_type=Path, file_okay=False), default=None,
+                            help="An exported model directory (`mmalign export`); replaces --aligner/--projector "
+                                 "and works from any directory.")
 aligner_option = click.option("--aligner", default="models/aligner", show_default=True,
                               type=click.Path(path_type=Path, file_okay=False), help="Phase 1 checkpoint directory.")
-device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="Where the models run (auto: cuda, then mps, then cpu).")
+strict_option = click.option("--strict", is_flag=True,
+                             help="Stop at the first unreadable image instead of skipping it with a warning.")
 dim_option = click.option("--dim", type=click.IntRange(min=1), default=None,
                           help="Matryoshka embedding size: a prefix of the aligned embedding, re-normalised. "
-                               "The trained sizes are the checkpoint's mrl_dims; default: the full d_align.")
+                               "One of the trained sizes (the checkpoint's mrl_dims); default: the full d_align.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,13 +75,40 @@ def mmalign() -> None:
     """Use a trained mmalign checkpoint: caption images, embed images or texts, search images by text.
 
     Checkpoints name their frozen models by the paths `dvc repro` wrote (relative to the repo root),
-    so run these commands from the repo root.
+    so run these commands from the repo root, or export the model (`mmalign export --out DIR`) and pass
+    `--model DIR` from anywhere.
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model; the bars of the work itself stay
+    # Nothing heavy here: this runs before a subcommand's --help too, which must not import torch.
     level = os.environ.get("MMALIGN_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" bar per model; the bars of the work itself stay. Called once a command runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def report_skipped(skipped: list[tuple[Path, str]] | None) -> None:
+    if skipped:
+        report(f"warning: skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)}: "
+               + ", ".join(str(p) for p, _ in skipped) + " (--strict stops at the first instead)")
+
+
+def checkpoints(model: Path | None, aligner: Path, projector: Path | None = None) -> tuple[Path, Path | None]:
+    """--model DIR (an export) or the --aligner/--projector checkpoint directories."""
+    if model is None:
+        return aligner, projector
+    from .inference import model_dirs
+
+    with user_errors():
+        return model_dirs(model)
+
+
+def kept(paths: list[Path], skipped: list[tuple[Path, str]] | None) -> list[Path]:
+    gone = {p for p, _ in skipped or ()}
+    return [p for p in paths if p not in gone]
 
 
 @mmalign.command()
@@ -90,20 +122,30 @@ def mmalign() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="captions.csv or captions.jsonl (columns image, caption). Default: stdout, "
                    "one 'IMAGE<TAB>CAPTION' line per image.")
+@model_option
 @device_option
+@strict_option
 def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: str | None, max_new_tokens: int,
-            batch_size: int, output: Path | None, device: str) -> None:
+            batch_size: int, output: Path | None, model: Path | None, device: str, strict: bool) -> None:
     """Caption IMAGES (files or directories of images) with a trained aligner + projector + LLM.
 
-    Greedy decoding: the same images always get the same captions.
+    Greedy decoding: the same images always get the same captions. An unreadable image is skipped with
+    a warning (no row in the output), unless --strict.
     """
     check_suffix(output, TABLE_SUFFIXES)
+    quiet_loading()
     from .inference import caption_files, list_images, load_captioner, resolve_device
 
+    aligner, projector = checkpoints(model, aligner, projector)
+    if projector is None:
+        raise click.UsageError(f"the model in {model} has no projector (an aligner-only export): it cannot caption")
+    skipped: list | None = None if strict else []
     with user_errors():
         paths = list_images(images)
-        model = load_captioner(aligner, projector, device=resolve_device(device))
-        captions = caption_files(model, paths, prompt, max_new_tokens, batch_size)
+        mm = load_captioner(aligner, projector, device=resolve_device(device))
+        captions = caption_files(mm, paths, prompt, max_new_tokens, batch_size, skipped)
+    paths = kept(paths, skipped)
+    report_skipped(skipped)
     if output is None:
         for path, text in zip(paths, captions):
             click.echo(f"{path}\t{text}")
@@ -124,29 +166,40 @@ def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: st
                    "(columns image or text, and embedding).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @aligner_option
+@model_option
 @device_option
+@strict_option
 def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...], dim: int | None, output: Path,
-          batch_size: int, aligner: Path, device: str) -> None:
+          batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
     """Embed images or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
 
     Give either --images or --texts; further arguments (MORE) add to that list, so a shell glob works:
     `mmalign embed --images photos/*.jpg -o photos.npy`. Directories are searched recursively, files
-    come in sorted order.
+    come in sorted order. An unreadable image is skipped with a warning (no row in the output), unless
+    --strict.
     """
     if bool(images) == bool(texts):
         raise click.UsageError("give either --images or --texts (one of them, not both)")
     check_suffix(output, EMBED_SUFFIXES)
+    quiet_loading()
     import numpy as np
 
     from .inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
     from .utils import atomic_path
 
     kind = "image" if images else "text"
+    aligner = checkpoints(model, aligner)[0]
+    skipped: list | None = None if strict else []
     with user_errors():
         items: list = list_images([*images, *more]) if images else read_texts([*texts, *more])
-        model = load_aligner(aligner, ("vision" if images else "text",), device=resolve_device(device), dim=dim)
-        fn = embed_images if images else embed_texts
-        z = fn(model, items, dim, batch_size).numpy().astype(np.float32)  # (N, dim)
+        net = load_aligner(aligner, ("vision" if images else "text",), device=resolve_device(device), dim=dim)
+        if images:
+            z = embed_images(net, items, dim, batch_size, skipped)
+            items = kept(items, skipped)
+        else:
+            z = embed_texts(net, items, dim, batch_size)
+        z = z.numpy().astype(np.float32)  # (N, dim)
+    report_skipped(skipped)
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
             with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
@@ -169,18 +222,26 @@ def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...
                    "one 'SCORE<TAB>IMAGE' line per result, best first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @aligner_option
+@model_option
 @device_option
+@strict_option
 def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, output: Path | None,
-           batch_size: int, aligner: Path, device: str) -> None:
-    """Rank the images under --images by how well they match the text QUERY (cosine similarity)."""
+           batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
+    """Rank the images under --images by how well they match the text QUERY (cosine similarity).
+    An unreadable image is skipped with a warning, unless --strict."""
     check_suffix(output, TABLE_SUFFIXES)
+    quiet_loading()
     from .inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
 
+    aligner = checkpoints(model, aligner)[0]
+    skipped: list | None = None if strict else []
     with user_errors():
         paths = list_images(images)
-        model = load_aligner(aligner, ("vision", "text"), device=resolve_device(device), dim=dim)
-        z_images = embed_images(model, paths, dim, batch_size)  # (N, dim)
-        z_query = embed_texts(model, [query], dim)[0]  # (dim,)
+        net = load_aligner(aligner, ("vision", "text"), device=resolve_device(device), dim=dim)
+        z_images = embed_images(net, paths, dim, batch_size, skipped)  # (N, dim)
+        z_query = embed_texts(net, [query], dim)[0]  # (dim,)
+    paths = kept(paths, skipped)
+    report_skipped(skipped)
     indices, scores = rank(z_query, z_images, top_k)
     rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])}
             for r, (i, s) in enumerate(zip(indices, scores))]
@@ -190,6 +251,31 @@ def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, ou
         return
     write_table(rows, output)
     report(f"wrote the top {len(rows)} of {len(paths)} images to {output}")
+
+
+@mmalign.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="The directory to write (replaced if it exists).")
+@aligner_option
+@click.option("--projector", default="models/projector", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False), help="Phase 2 checkpoint directory.")
+@click.option("--no-projector", is_flag=True, help="Export the aligner alone (embed and search only).")
+@click.option("--copy-models", is_flag=True,
+              help="Copy the local frozen models (vision tower, LLM) into the directory, so it can move to "
+                   "another machine. Default: name them by absolute path. Hub ids stay hub ids.")
+def export(out: Path, aligner: Path, projector: Path, no_projector: bool, copy_models: bool) -> None:
+    """Write a trained model as one directory that loads from any working directory.
+
+    Use it with `mmalign caption --model OUT` (and embed/search), or in Python:
+    `mmalign.from_pretrained(OUT)`. Run it where the checkpoints were trained (the repo root).
+    """
+    from .export import export_model
+
+    try:
+        export_model(aligner, None if no_projector else projector, out, copy_models=copy_models)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    report(f"exported the model to {out}" + (" (frozen models copied in)" if copy_models else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -65,8 +65,29 @@ def load_image(path: str | Path) -> Image.Image:
         raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
+def load_images(paths: Sequence[str | Path], skipped: list[tuple[Path, str]] | None = None
+                ) -> tuple[list[Path], list[Image.Image]]:
+    """Image files -> (the paths that were read, their images). `skipped` None: an unreadable file raises
+    InputError; a list: the file is left out with a warning, and (path, reason) appended to the list."""
+    kept: list[Path] = []
+    images: list[Image.Image] = []
+    for path in map(Path, paths):
+        try:
+            images.append(load_image(path))
+        except InputError as e:
+            if skipped is None:
+                raise
+            log.warning("skipped: %s", e)
+            skipped.append((path, str(e)))
+            continue
+        kept.append(path)
+    return kept, images
+
+
 def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
-    """Encoded image bytes, or the same as a base64 string -> upright RGB."""
+    """Encoded image bytes, or the same as base64 (a string, or its ASCII bytes: MLflow's scoring server
+    decodes base64 for `dataframe_split`/`dataframe_records` payloads but passes the text of `inputs` and
+    `instances` through as bytes) -> upright RGB."""
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=False)
@@ -76,6 +97,14 @@ def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.I
         raise InputError(f"{name}: expected image bytes or a base64 string, got {type(value).__name__}")
     try:
         return open_rgb(bytes(value))[0]
+    except BadSample as e:
+        error = e
+    try:
+        decoded = base64.b64decode(bytes(value), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{name}: {error}") from None
+    try:
+        return open_rgb(decoded)[0]
     except BadSample as e:
         raise InputError(f"{name}: {e}") from None
 
@@ -110,6 +139,24 @@ def batched(items: Sequence, batch_size: int, desc: str, unit: str = "item") -> 
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
+# An exported model directory (export.py) holds this manifest beside its aligner/ and projector/.
+MANIFEST = "mmalign.json"
+
+
+def export_root(checkpoint_dir: str | Path) -> Path | None:
+    """The export directory a checkpoint lies in, or None for a pipeline checkpoint."""
+    parent = Path(checkpoint_dir).resolve().parent
+    return parent if (parent / MANIFEST).is_file() else None
+
+
+def resolve_model_name(name: str, root: Path | None) -> str:
+    """A model name from an exported config: a path inside the export -> that path; anything else as is."""
+    if root is None or not name or Path(name).is_absolute():
+        return name
+    inside = root / name
+    return str(inside) if inside.exists() else name
+
+
 def _check_checkpoint(directory: str | Path, what: str, option: str) -> Path:
     d = Path(directory)
     if not (d / "model.safetensors").is_file() or not (d / "config.json").is_file():
@@ -122,9 +169,42 @@ def _model_error(e: ModelLoadError, checkpoint: Path, key: str, name: str) -> In
     where = f"the {key} '{name}' named in {checkpoint}/config.json"
     if Path(name).expanduser().exists():
         return InputError(f"{where} does not load: {e}")
+    if Path(name).is_absolute():
+        return InputError(f"{where} does not exist: export the model with `mmalign export --copy-models` "
+                          "to carry the frozen models inside it")
     # Checkpoints name their models as `prepare` wrote them: paths relative to the repo root.
     return InputError(f"{where} is not a directory under {os.getcwd()} ({str(e).split('. Fix:')[0]}): "
-                      "run mmalign from the repo root the checkpoint was trained in")
+                      "run mmalign from the repo root the checkpoint was trained in, or export it (`mmalign export`) "
+                      "and pass --model")
+
+
+def _exported_names(checkpoint: Path, keys: Sequence[str]) -> dict[str, str]:
+    """In an export directory (export.py), models copied in are named relative to it: resolve them."""
+    root = export_root(checkpoint)
+    if root is None:
+        return {}
+    cfg = read_json(checkpoint / "config.json")
+    return {k: resolve_model_name(cfg[k], root) for k in keys if cfg.get(k)}
+
+
+def model_dirs(model_dir: str | Path) -> tuple[Path, Path | None]:
+    """An exported model directory -> (aligner dir, projector dir or None); InputError if it is not one."""
+    d = Path(model_dir)
+    if not (d / MANIFEST).is_file():
+        raise InputError(f"{d} is not an exported mmalign model (no {MANIFEST}): write one with "
+                         f"`mmalign export --out {d}` from the repo root")
+    manifest = read_json(d / MANIFEST)
+    return d / manifest["aligner"], (d / manifest["projector"]) if manifest.get("projector") else None
+
+
+def from_pretrained(model_dir: str | Path, device: str = "auto") -> MultimodalLLM | VisionTextAligner:
+    """An exported model directory (`mmalign export`), from any working directory, in eval mode: the
+    captioner (MultimodalLLM; its `.aligner` embeds), or the aligner when the export has no projector."""
+    aligner_dir, projector_dir = model_dirs(model_dir)
+    device = resolve_device(device)
+    if projector_dir is None:
+        return load_aligner(aligner_dir, (), device=device)
+    return load_captioner(aligner_dir, projector_dir, device=device)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -137,10 +217,11 @@ def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vis
     encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with;
     `dim`, if given, is checked against the checkpoint before any encoder loads."""
     d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
-    overrides = {"device": device, **({"vision_model_name": str(vision)} if vision else {})}
+    overrides = {"device": device, **_exported_names(d, ("vision_model_name", "text_model_name")),
+                 **({"vision_model_name": str(vision)} if vision else {})}
     try:
         model = VisionTextAligner.from_pretrained(d, **overrides).eval()
-        check_dim(model, dim, warn=False)
+        check_dim(model, dim)
         for tower in need:
             getattr(model, f"{tower}_encoder")
     except ModelLoadError as e:
@@ -157,25 +238,34 @@ def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str 
     LLM (`model_name`); `llm`/`vision` override the model paths the checkpoints were trained with."""
     aligner = load_aligner(aligner_dir, ("vision",), vision, device)
     d = _check_checkpoint(projector_dir, "projector", "--projector")
+    overrides = {**_exported_names(d, ("model_name",)), **({"model_name": str(llm)} if llm else {})}
     try:
-        mm = MultimodalLLM.from_pretrained(d, aligner, **({"model_name": str(llm)} if llm else {}))
+        mm = MultimodalLLM.from_pretrained(d, aligner, **overrides)
     except ModelLoadError as e:
         raise _model_error(e, d, "LLM", llm or read_json(d / "config.json")["model_name"]) from None
     return mm.to(device).eval()
 
 
+def _none_read(paths: Sequence, skipped: list[tuple[Path, str]] | None) -> InputError:
+    first = f": {skipped[0][1]}" if skipped else ""
+    return InputError(f"none of the {len(paths)} images could be read{first}")
+
+
 # -- embeddings --------------------------------------------------------------------------------------
-def check_dim(aligner: VisionTextAligner, dim: int | None, warn: bool = True) -> int:
-    """The embedding size to use: `dim`, or the full d_align when None."""
-    cfg = aligner.cfg
+def trained_dims(aligner: VisionTextAligner) -> list[int]:
+    """The embedding sizes the Matryoshka loss trained: the checkpoint's mrl_dims and the full d_align."""
+    return sorted({*aligner.cfg.mrl_dims, aligner.cfg.d_align})
+
+
+def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
+    """The embedding size to use: `dim`, or the full d_align when None. A prefix size the loss never
+    trained is refused (its embeddings are not aligned: nothing pulled matching pairs together at it)."""
     if dim is None:
-        return cfg.d_align
-    if not 1 <= dim <= cfg.d_align:
-        raise InputError(f"--dim {dim} is out of range: this aligner has d_align={cfg.d_align}; "
-                         f"trained Matryoshka dims: {', '.join(map(str, cfg.mrl_dims))}")
-    if warn and dim not in cfg.mrl_dims and dim != cfg.d_align:
-        log.warning("dim %d is not one of the trained Matryoshka dims (%s): the loss never saw this prefix size",
-                    dim, ", ".join(map(str, cfg.mrl_dims)))
+        return aligner.cfg.d_align
+    dims = trained_dims(aligner)
+    if dim not in dims:
+        raise InputError(f"--dim {dim} was not trained: this aligner's Matryoshka dims are "
+                         f"{', '.join(map(str, dims))}; pass one of them")
     return dim
 
 
@@ -186,11 +276,18 @@ def truncate(z: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: int | None = None,
-                 batch_size: int = 64) -> torch.Tensor:
-    """Image files -> unit-norm embeddings (N, dim), in the order given."""
+                 batch_size: int = 64, skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
+    """Image files -> unit-norm embeddings (N, dim), in the order given. `skipped`: see load_images (the
+    rows of skipped files are left out)."""
     dim = check_dim(aligner, dim)
+    out = []
     with batched(paths, batch_size, "embedding images", "image") as chunks:
-        out = [aligner.encode_images([load_image(p) for p in chunk]).cpu() for chunk in chunks]
+        for chunk in chunks:
+            images = load_images(chunk, skipped)[1]
+            if images:
+                out.append(aligner.encode_images(images).cpu())
+    if not out:
+        raise _none_read(paths, skipped)
     return truncate(torch.cat(out), dim)
 
 
@@ -213,12 +310,17 @@ def rank(query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> tuple[lis
 
 # -- captions ----------------------------------------------------------------------------------------
 def caption_files(mm: MultimodalLLM, paths: Sequence[str | Path], prompt: str | None = None,
-                  max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with."""
+                  max_new_tokens: int = 48, batch_size: int = 16,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[str]:
+    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with.
+    `skipped`: see load_images (skipped files get no caption)."""
     prompt = mm.cfg.prompt if prompt is None else prompt
     captions: list[str] = []
     with batched(paths, batch_size, "captioning", "image") as chunks:
         for chunk in chunks:
-            captions += mm.generate([load_image(p) for p in chunk], prompt=prompt, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size)
+            images = load_images(chunk, skipped)[1]
+            if images:
+                captions += mm.generate(images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if not captions and paths:
+        raise _none_read(paths, skipped)
     return captions

@@ -3,6 +3,10 @@
 Default store: `sqlite:///<repo root>/mlflow.db`, artifacts in `<repo root>/mlartifacts/`, where the
 repo root is `DVC_ROOT` when DVC runs the stage (so `dvc exp run --temp/--queue` runs land in the
 workspace's database) and the current directory otherwise. `MLFLOW_TRACKING_URI` overrides it.
+
+Structure: one experiment, marked as model development (MLflow 3 opens it on the runs table, not the
+GenAI overview); one parent run per pipeline execution (tag `mmalign.pipeline`), found or created by
+whichever stage runs first, with each stage's run nested under it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from typing import Any, Iterator
 from . import distributed
 
 log = logging.getLogger(__name__)
+
+# MLflow 3's experiment type (the UI's "Experiment type"): traditional model development, not GenAI.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PIPELINE_ROLE = "mmalign.role"  # = "pipeline" on the parent run of a pipeline execution
+
+
+def metric_key(key: str) -> str:
+    """A metric name MLflow accepts (alphanumerics and `_ - . / : space`): `R@1` -> `R_at_1`."""
+    return key.replace("@", "_at_")
 
 
 def repo_root() -> Path:
@@ -64,7 +77,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.active:
-            clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items()
+            clean = {metric_key(k): float(v) for k, v in flatten(metrics).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.mlflow.log_metrics(clean, step=step)
 
@@ -89,6 +102,36 @@ class Tracker:
         if self.active:
             self.mlflow.set_tags(tags)
 
+    def log_dataset(self, splits: dict[str, Any], name: str, source: str, hub: bool = False) -> None:
+        """Log each split (a pandas DataFrame) as a run input: the run's Datasets column shows `name`, a
+        content digest (all rows) and the split as context. `source`: the local path the data came from,
+        or (hub=True) its Hugging Face dataset id."""
+        if not self.active:
+            return
+        import warnings
+
+        import pandas as pd
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        for split, df in splits.items():
+            digest = hashlib.sha256(pd.util.hash_pandas_object(df.astype(str), index=False).values.tobytes())
+            with warnings.catch_warnings():  # MLflow registers its local source twice, then warns about it
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")  # ids: no NaN
+                dataset = self.mlflow.data.from_pandas(
+                    df, source=HuggingFaceDatasetSource(source) if hub else Path(source).resolve().as_uri(),
+                    name=name, digest=digest.hexdigest()[:16])
+            self.mlflow.log_input(dataset, context=split)
+
+
+def dataset_splits(dataset_dir: str | Path) -> dict[str, Any]:
+    """An HF dataset saved by `prepare` -> {split: DataFrame of its non-image columns (ids, captions)}."""
+    import datasets
+
+    dd = datasets.load_from_disk(str(dataset_dir))
+    return {name: split.remove_columns([c for c, f in split.features.items() if isinstance(f, datasets.Image)])
+            .to_pandas() for name, split in dd.items()}
+
 
 def _configure_timeouts() -> None:
     # A tracking server that is down must fail a stage in seconds, not after minutes of retries.
@@ -107,12 +150,50 @@ def store_lock(uri: str) -> Any:
 
 
 def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
-    """Get or create the experiment (for sqlite this also creates the database), under store_lock."""
+    """Get or create the experiment (for sqlite this also creates the database), under store_lock, marked as
+    model development; warns when its artifacts go outside this repo (a moved or copied checkout)."""
     with store_lock(uri):
         exp = mlflow.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
+        if exp is None:
+            return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri(),
+                                            tags=EXPERIMENT_KIND)
+        for key, value in EXPERIMENT_KIND.items():  # an experiment created before the tag existed
+            if exp.tags.get(key) != value:
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    _check_artifact_location(exp, root, uri)
+    return exp.experiment_id
+
+
+def _check_artifact_location(exp: Any, root: Path, uri: str) -> None:
+    """MLflow fixes an experiment's artifact location when it is created (an absolute path): a store that
+    lives in this repo but points its artifacts elsewhere means the checkout was moved or copied."""
+    from urllib.parse import unquote, urlparse
+
+    location = urlparse(exp.artifact_location)
+    if location.scheme not in ("", "file") or not uri.startswith("sqlite:///"):
+        return  # a server or object store: shared on purpose
+    store = Path(uri[len("sqlite:///"):]).resolve()
+    path = Path(unquote(location.path)).resolve()
+    if store.is_relative_to(root) and not path.is_relative_to(root):
+        log.warning("MLflow experiment '%s' in %s keeps its artifacts in %s, outside this repo (%s): the "
+                    "checkout was moved or copied, and this run's artifacts go to the old place. Use a new "
+                    "tracking.experiment name, or delete %s to start a fresh store here.",
+                    exp.name, store, path, root, store)
+
+
+def _parent_run_id(mlflow: Any, exp_id: str, pipeline: str, tags: dict[str, str], uri: str) -> str:
+    """The parent run of this pipeline execution: found by its `mmalign.pipeline` tag, or created by the
+    first stage that runs (the stages are separate processes, so under store_lock). Marked RUNNING while
+    a stage runs; stage_run ends it with the stage's status."""
+    client = mlflow.MlflowClient()
+    with store_lock(uri):
+        found = mlflow.search_runs([exp_id], filter_string=f"tags.`mmalign.pipeline` = '{pipeline}' "
+                                                           f"and tags.`{PIPELINE_ROLE}` = 'pipeline'",
+                                   output_format="list", max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        return client.create_run(exp_id, run_name=pipeline, tags={**tags, PIPELINE_ROLE: "pipeline"}).info.run_id
 
 
 def _close_stale_runs(mlflow: Any, exp_id: str, stage: str, pipeline: str) -> None:
@@ -129,10 +210,11 @@ def _close_stale_runs(mlflow: Any, exp_id: str, stage: str, pipeline: str) -> No
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, required: bool = True, params: dict[str, Any] | None = None,
               pipeline_params: dict[str, Any] | None = None) -> Iterator[Tracker]:
-    """Open an MLflow run for one stage, tagged so runs of one pipeline execution group together.
+    """Open an MLflow run for one stage, nested under the parent run of its pipeline execution.
 
     Tags: mmalign.stage, mmalign.pipeline (the DVC experiment name, or a hash of commit + params for
-    a plain `dvc repro`), dvc.exp_name, git.commit. `params` are logged as run params.
+    a plain `dvc repro`; the parent run carries it too), dvc.exp_name, git.commit. `params` are logged
+    as run params.
     If the store is unreachable: raise (required) or warn once and yield an inactive Tracker.
     In a multi-process run only rank 0 tracks; the other ranks get an inactive Tracker.
     """
@@ -152,9 +234,10 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
         mlflow.set_tracking_uri(uri)
         exp_id = _experiment_id(mlflow, experiment, root, uri)
         _close_stale_runs(mlflow, exp_id, stage, pipeline)
+        tags = {"mmalign.pipeline": pipeline, "dvc.exp_name": exp_name or "workspace", "git.commit": commit}
+        parent_id = _parent_run_id(mlflow, exp_id, pipeline, tags, uri)
         run = mlflow.start_run(experiment_id=exp_id, run_name=f"{exp_name or 'workspace'}/{stage}",
-                               tags={"mmalign.stage": stage, "mmalign.pipeline": pipeline,
-                                     "dvc.exp_name": exp_name or "workspace", "git.commit": commit,
+                               tags={**tags, "mmalign.stage": stage, "mlflow.parentRunId": parent_id,
                                      "mmalign.num_processes": str(distributed.world_size())})
     except Exception as e:
         msg = f"MLflow tracking store {uri} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -176,4 +259,5 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
         raise
     finally:
         mlflow.end_run(status=status)
+        mlflow.MlflowClient().set_terminated(parent_id, status=status)  # the parent ends with its last stage
         log.info("MLflow run %s (%s) logged to %s", run.info.run_id, stage, uri)
