@@ -6,7 +6,9 @@ A. Disk: a 10,000-image JPEG folder (the synthetic scenes with their 4 captions 
    (prepare keeps captions and ids; images only of the test split). Two kinds of JPEG: "photo-like"
    (256 px with sensor-like noise, JPEG quality 90: tens of KB each, as photos are; COCO's average
    is ~160 KB) is the target's case; "flat" (160 px flat-colour scenes, ~3 KB each) is the worst
-   case, where the captions weigh as much as the images.
+   case, where the captions weigh as much as the images. The text encoder here is a tiny
+   sentence-transformers model built locally (BERT, hidden 32): what prepare keeps on disk does not
+   depend on the encoders, and MiniLM over 40,000 captions would add minutes.
 B. float16 cache: `prepare` on the default params, then the same cache stored as float16 (exactly what
    `prepare.feature_dtype: float16` writes: the float32 features rounded to half), `align` trained on
    each with the default params, and test retrieval (evaluate, retrieval only) on each. Reported: R@1
@@ -48,6 +50,27 @@ PREPARE = ["--dataset", "data/dataset", "--models", "models/builtin", "--feature
            "--report", "data/prepare_report.json"]
 
 
+def tiny_text_encoder(path: Path) -> Path:
+    """A sentence-transformers dir (1-layer BERT, hidden 32, mean pooling) with MiniLM's tokenizer."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from transformers import BertConfig, BertModel
+
+    from mmalign.hub import resolve_text_model
+
+    bert = path / "bert"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    minilm = resolve_text_model("sentence-transformers/all-MiniLM-L6-v2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", bert / name)
+    SentenceTransformer(modules=[st_models.Transformer(str(bert)), st_models.Pooling(32)], device="cpu").save(
+        str(path / "st"))
+    return path / "st"
+
+
 def disk_ratio(work: Path, photo_like: bool) -> tuple[int, int, dict]:
     import numpy as np
     from PIL import Image
@@ -67,6 +90,7 @@ def disk_ratio(work: Path, photo_like: bool) -> tuple[int, int, dict]:
             im.save(src / f"{i:05d}.jpg", quality=90)
             f.write(json.dumps({"file_name": f"{i:05d}.jpg", "text": row["captions"]}) + "\n")
     params = default_params()
+    params["models"]["text"] = str(tiny_text_encoder(work / "text"))
     params["prepare"].update(source="imagefolder", imagefolder={"path": str(src), "caption_column": "text"})
     stage("prepare", PREPARE, work, params)
     kept = bytes_under(work / "data/dataset") + bytes_under(work / "data/prepare_report.json")
