@@ -3,7 +3,6 @@ every preset composes to params that validate, and the default composition is pa
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import sys
@@ -14,14 +13,12 @@ import yaml
 
 from conftest import ROOT
 from helpers.presets import compose, pin_overrides
-from mmalign.config import PrepareConfig
 from mmalign.params import validate_all
 
 CONF = ROOT / "conf"
 MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATA_PRESETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 REAL_MODEL = "clip-b32_minilm_qwen2.5-1.5b"
-HAS_WEBDATASET = "webdataset" in {f.name for f in dataclasses.fields(PrepareConfig)}
 
 
 def leaves(d: dict, prefix: str = ""):
@@ -51,11 +48,7 @@ def test_model_preset_validates(preset):
     check(compose(CONF, [f"model={preset}"]))
 
 
-@pytest.mark.parametrize("preset", [
-    pytest.param(p, marks=pytest.mark.xfail(
-        p == "cc3m" and not HAS_WEBDATASET, strict=False,
-        reason="prepare.source: webdataset (prepare.webdataset, prepare.feature_dtype) is not merged yet"))
-    for p in DATA_PRESETS])
+@pytest.mark.parametrize("preset", DATA_PRESETS)
 def test_data_preset_validates(preset):
     check(compose(CONF, [f"data={preset}"]))
     check(compose(CONF, [f"model={REAL_MODEL}", f"data={preset}"]))
