@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY_PARAMS, deep_update
+from helpers.presets import compose, pin_overrides
 
 pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
@@ -45,6 +46,9 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / f, dst / f)
     params = deep_update(yaml.safe_load((dst / "params.yaml").read_text()), TINY_PARAMS)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # `dvc exp run` re-composes params.yaml from conf/ (Hydra): pin the tiny sizes there too.
+    pin_overrides(dst / "conf", TINY_PARAMS)
+    assert compose(dst / "conf") == params
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         sh(cmd, dst)
