@@ -371,6 +371,7 @@ class ProjectTrainConfig:
     resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
     state_every: int = 50  # steps between training-state snapshots
     mixed_precision: str = "none"  # none | bf16 (autocast; weights and the loss stay float32)
+    group_by_length: bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
 
     def __post_init__(self) -> None:
         _check_training("project", self)

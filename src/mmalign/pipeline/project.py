@@ -38,7 +38,7 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         feats = load_features(features_dir, split, stream=True)
         ids = caption_ids(model.tokenizer, ds[split].select_columns(["captions"]))
         loaders[split] = CaptionBatches(feats.vision, ids, feats.text_to_image, cfg.batch_size, seed=cfg.seed,
-                                        shuffle=split == "train")
+                                        shuffle=split == "train", group_by_length=cfg.group_by_length)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("project: %d trainable parameters, %d train captions, %d steps/epoch (%d processes)", n_train,
              len(loaders["train"].captions), len(loaders["train"]), distributed.world_size())
