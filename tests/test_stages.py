@@ -65,6 +65,12 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
             "figures/retrieval_examples.png", "figures/project_loss.png"} <= figures
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
+    # project captions 16 fixed val images after each epoch (1 here): a table and their distinct share
+    pr = by_stage["project"]
+    assert 0 < pr.data.metrics["val/distinct"] <= 1
+    (table,) = client.list_artifacts(pr.info.run_id, "watch_captions")
+    rows = json.loads(open(client.download_artifacts(pr.info.run_id, table.path, str(d))).read())["data"]
+    assert len(rows) == 16 and all(isinstance(r[2], str) for r in rows)
     assert client.get_registered_model("mmalign-captioner").latest_versions  # the served captioner
     for run in runs:  # nothing from the environment is logged
         assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
