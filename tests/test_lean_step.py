@@ -68,3 +68,18 @@ def test_lean_loss_under_bf16_autocast_matches_plain(tiny_chat_llm_dir, tiny_cli
         plain, lean = model(feats, caps)[1], model(feats, caps, lean=True)[1]
     assert lean.dtype == torch.float32
     torch.testing.assert_close(lean, plain.float(), rtol=2e-2, atol=0)
+
+
+def test_matryoshka_prefix_is_the_renormalised_nested_embedding(tiny_llm_dir, tiny_clip_dir):
+    model = make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir), matryoshka=True)  # aligner mrl_dims [8, 16]
+    z = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    nested = model.eval().nested(z, 8)
+    torch.testing.assert_close(nested, torch.cat([F.normalize(z[:, :8], dim=-1), torch.zeros(64, 8)], 1))
+    assert torch.equal(model.nested(z), z) and torch.equal(model.nested(z, 16), z)  # eval, no dim: the full z
+    torch.manual_seed(0)
+    drawn = model.train().nested(z)  # training: each row one of the MRL dims at random
+    full = (drawn[:, 8:] != 0).any(-1)
+    assert 0 < full.sum() < 64
+    torch.testing.assert_close(drawn[full], z[full])
+    torch.testing.assert_close(drawn[~full], nested[~full])
+    make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)).train().nested(z) is z or pytest.fail("matryoshka off: z as is")

@@ -339,6 +339,7 @@ class LLMConfig:
     max_caption_tokens: int = 64
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    matryoshka: bool = False  # train the projector on nested prefixes z[:, :d] of every align.mrl_dims d
 
     def __post_init__(self) -> None:
         s = "project"

@@ -159,12 +159,31 @@ class MultimodalLLM(nn.Module):
         return out
 
     # -- image -> prefix -----------------------------------------------------------------------
-    def prefix_from_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H)."""
+    def prefix_from_features(self, vision_features: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H), from z's first `dim` coordinates."""
         device = next(self.projector.parameters()).device
         with torch.no_grad():
             z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
-        return self.projector(z)
+        return self.projector(self.nested(z, dim))
+
+    def nested(self, z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """z (B, d) -> z[:, :dim] re-normalised and zero-padded back to (B, d); dim None: all of z.
+
+        With `cfg.matryoshka` a training batch gives each row one of the aligner's MRL dims at random, so
+        one projector captions from any of them. Re-normalised because Phase 1's MRL loss made each
+        normalised prefix the embedding (so every dim reaches the projector at the scale it was trained
+        at); zero-padded so the projector keeps one input layer, whose columns past `dim` then see 0.
+        """
+        d = z.shape[-1]
+        if dim is None and self.training and self.cfg.matryoshka:
+            dims = torch.tensor(self.aligner.cfg.mrl_dims, device=z.device)
+            keep = dims[torch.randint(len(dims), (z.shape[0],), device=z.device)]  # (B,)
+        elif dim is None or dim >= d:
+            return z
+        else:
+            keep = torch.full((z.shape[0],), dim, device=z.device)
+        mask = torch.arange(d, device=z.device) < keep[:, None]  # (B, d)
+        return torch.nn.functional.normalize(z * mask, dim=-1)
 
     def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         with torch.no_grad():
