@@ -48,8 +48,9 @@ BATCH, K, D_ALIGN = 8, 10, 256
 CAPTION_TOKENS = (12, 20)  # COCO captions: ~10-14 words
 
 
-def build(layers: int):
-    """MultimodalLLM around a random Qwen2.5-0.5B-shaped LLM; (model, z (B, d_align), captions)."""
+def build(layers: int, shape: dict | None = None, batch: int = BATCH, device: str = "cpu", dtype: str = "float32"):
+    """MultimodalLLM around a random Qwen2-family LLM of `shape` (default Qwen2.5-0.5B's) with `layers`
+    decoder layers; returns (model, z (batch, d_align), captions: token-id lists)."""
     import torch
     import torch.nn.functional as F
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -61,20 +62,36 @@ def build(layers: int):
     from mmalign.tiny_llm import build_tokenizer
 
     texts = [c for r in generate_synthetic(0, 300, 0, 0, captions_per_image=3)["train"] for c in r["captions"]]
-    tok = build_tokenizer(texts + [QWEN_SYSTEM, "Describe this image:"] * 50, 2000, chat_template=True)
+    shape = {**(shape or QWEN25_05B), "num_hidden_layers": layers}
+    vocab = min(2000, shape["vocab_size"] // 2)  # prompt ids from the tokenizer, caption ids above them
+    tok = build_tokenizer(texts + [QWEN_SYSTEM, "Describe this image:"] * 50, vocab, chat_template=True)
     tok.chat_template = QWEN_TEMPLATE
     torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": layers}))
+    llm = Qwen2ForCausalLM(Qwen2Config(**shape)).to(device, getattr(torch, dtype))
     aligner = VisionTextAligner(AlignmentConfig(vision_model_name="unused", text_model_name="unused", vision_dim=8,
                                                 text_dim=8, d_align=D_ALIGN, hidden_dim=16, mrl_dims=[D_ALIGN]))
-    mm = MultimodalLLM(aligner, LLMConfig(model_name="unused", k=K, projector_hidden=512), llm=llm,
+    mm = MultimodalLLM(aligner, LLMConfig(model_name="unused", k=K, projector_hidden=512, dtype=dtype), llm=llm,
                        tokenizer=tok).eval()
     g = torch.Generator().manual_seed(1)
-    z = F.normalize(torch.randn(BATCH, D_ALIGN, generator=g), dim=-1)
+    z = F.normalize(torch.randn(batch, D_ALIGN, generator=g), dim=-1).to(device)
     lo, hi = CAPTION_TOKENS
-    caps = [torch.randint(3000, QWEN25_05B["vocab_size"], (int(n),), generator=g).tolist()
-            for n in torch.randint(lo, hi + 1, (BATCH,), generator=g)]
+    caps = [torch.randint(vocab, shape["vocab_size"], (int(n),), generator=g).tolist()
+            for n in torch.randint(lo, hi + 1, (batch,), generator=g)]
     return mm, z, caps
+
+
+def step_flops(mm, caps, which: str) -> float:
+    """FLOPs a step executes (Kaplan et al.'s 2N per token forward; the LLM is frozen, so its backward is
+    only the 2N of the input gradients): A runs every padded position through the layers and the head;
+    B runs the pre-image prompt forward once at batch 1, the rest of each row, and the head on labels."""
+    layer_params = sum(p.numel() for p in mm.llm.get_decoder().layers.parameters())
+    head = mm.llm.get_output_embeddings().weight.numel()
+    before, after = mm.prompt_pieces(mm.cfg.prompt)
+    n_rows, labels = len(caps), sum(len(c) + 1 for c in caps)
+    T = len(before) + K + len(after) + max(len(c) for c in caps) + 1  # padded row length of plain
+    if which == "A":
+        return 4 * (layer_params + head) * n_rows * T
+    return 2 * layer_params * len(before) + 4 * layer_params * n_rows * (T - len(before)) + 4 * head * labels
 
 
 def step(mm, z, caps, which: str) -> float:
