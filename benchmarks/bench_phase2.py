@@ -15,13 +15,14 @@ Speed: A and B alternate for `--rounds` rounds (after one warm-up each); tokens/
 the step's peak is Linux's peak RSS (VmHWM, reset through /proc/self/clear_refs just before the step)
 minus the RSS just before it, so the model's weights and the inputs are not counted.
 
-    python benchmarks/bench_phase2.py                 # 24 layers, as Qwen2.5-0.5B
+    python benchmarks/bench_phase2.py --write         # 24 layers, as Qwen2.5-0.5B (~3 min); into RESULTS.md
     python benchmarks/bench_phase2.py --layers 6      # fewer decoder layers (say so when reporting)
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import subprocess
@@ -29,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import Row, print_rows
+from _common import ROOT, Row, format_table, print_rows
+
+MARK = "<!-- bench_phase2 -->"  # RESULTS.md keeps this section between two marks (run_all.py carries it over)
 
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
@@ -159,19 +162,38 @@ def run(layers: int = 24, rounds: int = 5) -> dict:
     return {"rows": rows, "rel_loss_diff": rel}
 
 
+def write_results(rows: list[Row], command: str, started: datetime.datetime) -> None:
+    """Replace the section between the marks in benchmarks/RESULTS.md (or append it)."""
+    import run_all
+
+    notes = "\n".join(f"- **{r.name}**: {r.note}" for r in rows)
+    section = (f"{MARK}\n## 7. Phase 2 step at real vocabulary size\n\nMachine: {run_all.machine()}\n"
+               f"Date: {started:%Y-%m-%d %H:%M %Z}\nCommand: `{command}` (from the repo root)\n\n"
+               f"{format_table(rows)}\n\n{notes}\n{MARK}\n")
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    parts = text.split(MARK)
+    text = parts[0].rstrip() + "\n\n" + section + (parts[2].lstrip("\n") if len(parts) >= 3 else "")
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (Qwen2.5-0.5B has 24)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating timed rounds of A and B")
+    ap.add_argument("--write", action="store_true", help="write the numbers into benchmarks/RESULTS.md")
     ap.add_argument("--memory-of", choices=["A", "B"], help=argparse.SUPPRESS)  # the subprocess's job
     args = ap.parse_args(argv)
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args.layers)))
         return
+    started = datetime.datetime.now().astimezone()
     res = run(args.layers, args.rounds)
     print_rows(res["rows"])
     for r in res["rows"]:
         print(f"- **{r.name}**: {r.note}")
+    if args.write:
+        write_results(res["rows"], "python benchmarks/bench_phase2.py " + " ".join(argv or sys.argv[1:]), started)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ class MultimodalLLM(nn.Module):
                                               cfg.projector_hidden)
         self.projector.to(next(self.llm.parameters()).device)
         self.end_id = self._end_token_id()
+        self._pieces: dict[str, tuple[list[int], list[int]]] = {}
 
     def train(self, mode: bool = True) -> "MultimodalLLM":
         super().train(mode)
@@ -107,7 +108,12 @@ class MultimodalLLM(nn.Module):
         return tok.eos_token_id
 
     def prompt_pieces(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the image prefix."""
+        """Token ids before and after the image prefix (rendered once per prompt: every step asks)."""
+        if prompt not in self._pieces:
+            self._pieces[prompt] = self._render_prompt(prompt)
+        return self._pieces[prompt]
+
+    def _render_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         if tok.chat_template:
             text = tok.apply_chat_template([{"role": "user", "content": f"{IMAGE_MARK}\n{prompt}"}],
