@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     # tied embeddings: the lookup is free, the same matrix as lm_head is a matmul, so params count once
     proj_flops = 4 * llm_params * tok_s
 
-    del llm, projector, opt
     rows = [("bf16 matmul peak", f"{peak / 1e12:.1f} TFLOP/s", "1.00"),
             ("extraction (ViT-B/32, 224 px)", f"{img_s:,.0f} images/s ({vit_flops / 1e12:.1f} TFLOP/s)",
              f"{vit_flops / peak:.2f}"),
