@@ -41,8 +41,9 @@ def caption_watch(model: MultimodalLLM, vision: torch.Tensor, ids: list[str], re
     at = {"step": 0}
 
     def watch() -> dict[str, float]:
-        with torch.no_grad():
-            caps = model.generate_from_prefix(model.prefix_from_features(vision), max_new_tokens=max_new_tokens)
+        with torch.no_grad():  # the full z: in training mode a Matryoshka model would draw a dim per row
+            prefix = model.prefix_from_features(vision, model.aligner.cfg.d_align)
+            caps = model.generate_from_prefix(prefix, max_new_tokens=max_new_tokens)
         table = {"columns": ["step", "id", "generated", "reference"],
                  "data": [[at["step"], i, c, r] for i, c, r in zip(ids, caps, references)]}
         with tempfile.TemporaryDirectory() as tmp:
@@ -74,13 +75,13 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
     log.info("project: %d trainable parameters, %d train captions, %d steps/epoch (%d processes)", n_train,
              len(loaders["train"].captions), len(loaders["train"]), distributed.world_size())
     tracker.log_metrics({"trainable_params": n_train})
-    n = min(cfg.watch_images, len(ds["val"]))
-    val = ds["val"].select(range(n)).select_columns(["id", "captions"])
-    watch, on_log = caption_watch(model, loaders["val"].vision[torch.arange(n)], val["id"],
-                                  [caps[0] for caps in val["captions"]], tracker, llm_cfg.max_caption_tokens)
+    watch, on_log = lambda: {}, tracker.log_metrics
+    if n := min(cfg.watch_images, len(ds["val"])):
+        val = ds["val"].select(range(n)).select_columns(["id", "captions"])
+        watch, on_log = caption_watch(model, loaders["val"].vision[torch.arange(n)], val["id"],
+                                      [caps[0] for caps in val["captions"]], tracker, llm_cfg.max_caption_tokens)
     history = train_projector(
-        model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"]),
-                                                        **(watch() if n else {})},
+        model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"]), **watch()},
         monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir),
         on_log=on_log,
         **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
