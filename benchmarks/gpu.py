@@ -4,6 +4,10 @@
   extraction images/s at 224 px.
 - Qwen2.5-1.5B (its config values, written out) frozen, a projector trained through it:
   prefix k=10 + ~90 caption tokens (seq 100), batch 32 -> projector-training tokens/s.
+- The Phase 2 step of bench_phase2.py at Qwen2.5-1.5B shape in bf16 (Qwen chat template with its
+  default system prompt, batch 32, k=10, COCO-length captions): A = plain `llm(inputs_embeds, labels)`,
+  B = the project's lean step; loss, peak memory of the step, caption tokens/s, and the fraction of
+  peak of the FLOPs each executes (bench_phase2.step_flops).
 - A bf16 matmul peak measured on the same device (8192^3 matmuls), and the fraction of it each
   workload reaches.
 
@@ -56,6 +60,31 @@ def matmul_peak(device: torch.device, n: int, iters: int) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     return 2 * n ** 3 / bench(lambda: a @ b, device, iters)
+
+
+def phase2_rows(device: torch.device, dry: bool, peak: float, iters: int) -> list[tuple[str, str, str]]:
+    """bench_phase2's plain (A) vs lean (B) step at Qwen2.5-1.5B shape in bf16, one row each."""
+    import bench_phase2 as p2
+
+    shape = {**QWEN25_15B, **(TINY["qwen"] if dry else {})}
+    mm, z, caps = p2.build(shape["num_hidden_layers"], shape, batch=2 if dry else 32, device=str(device),
+                           dtype="bfloat16")
+    loss = {w: p2.step(mm, z, caps, w) for w in "AB"}
+    labels = sum(len(c) + 1 for c in caps)
+    rows = []
+    for w, name in (("A", "plain llm(inputs_embeds, labels)"), ("B", "lean step")):
+        t = bench(lambda: p2.step(mm, z, caps, w), device, iters)
+        mem = ""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            p2.step(mm, z, caps, w)
+            mem = f", step peak {(torch.cuda.max_memory_allocated() - base) / 2**20:,.0f} MiB"
+        flops = p2.step_flops(mm, caps, w) / t
+        rows.append((f"Phase 2 step {w}: {name} (Qwen2.5-1.5B frozen, bf16, batch {len(caps)}, k={p2.K})",
+                     f"{labels / t:,.0f} caption tokens/s ({flops / 1e12:.1f} TFLOP/s executed{mem}; "
+                     f"loss {loss[w]:.4f})", f"{flops / peak:.2f}"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{vit_flops / peak:.2f}"),
             (f"projector training (Qwen2.5-1.5B frozen, k={k}, seq {seq}, batch {batch})",
              f"{tok_s:,.0f} tokens/s ({proj_flops / 1e12:.1f} TFLOP/s)", f"{proj_flops / peak:.2f}")]
+    rows += phase2_rows(device, dry, peak, iters)
     name = "CPU dry run (tiny sizes, numbers meaningless)" if dry else torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}; ViT params {vit_params / 1e6:.1f} M, "
           f"LLM params {llm_params / 1e6:.1f} M")

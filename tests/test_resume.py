@@ -147,3 +147,28 @@ def test_nan_loss_stops_with_step_and_keeps_best_checkpoint(tmp_path):
     reloaded = VisionTextAligner.from_pretrained(ckpt)  # the best checkpoint is intact and loads
     assert all(torch.isfinite(v).all() for v in reloaded.trainable_state_dict().values())
     assert (ckpt / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_length_grouped_caption_batches_cover_every_caption_once_and_repeat_after_resume(shuffle):
+    from mmalign.data.dataset import CaptionBatches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 30, (203,), generator=g).tolist()
+    caps = [[i] * n for i, n in enumerate(lengths)]  # caption i is made of its own index
+
+    def batches(epoch: int) -> list[list[int]]:
+        loader = CaptionBatches(torch.zeros(203, 2), caps, torch.arange(203), batch_size=8, seed=3, shuffle=shuffle,
+                                group_by_length=True, megabatch=4)
+        loader.set_epoch(epoch)
+        return [[c[0] for c in b["captions"]] for b in loader]
+
+    first = batches(1)
+    assert len(first) == 26 and sorted(i for b in first for i in b) == list(range(203))  # each caption once
+    assert batches(1) == first  # a resumed run (a fresh loader at the same epoch) sees the same batches
+    if shuffle:
+        assert batches(2) != first
+    ungrouped = CaptionBatches(torch.zeros(203, 2), caps, torch.arange(203), batch_size=8, seed=3, shuffle=shuffle)
+    ungrouped.set_epoch(1)
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert padding(first) < padding([[c[0] for c in b["captions"]] for b in ungrouped]) / 2

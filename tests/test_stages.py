@@ -40,6 +40,9 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
         assert set(ret["by_dim"]["8"][direction]) == KEYS
     assert ret["chance"]["t2i"]["R@1"] == pytest.approx(1 / 16)
     assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS == set(metrics["captioning"]["blind"])
+    by_dim = metrics["captioning"]["by_dim"]  # captions from every MRL dim of one Matryoshka-trained projector
+    assert set(by_dim) == {"8", "16", "32"} and all(set(m) == CAPTION_KEYS for m in by_dim.values())
+    assert by_dim["32"] == metrics["captioning"]["trained"]
     assert (d / "eval/captions.csv").read_text().count("\n") == 16 + 1
     assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
 
@@ -59,8 +62,14 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     client = mlflow.MlflowClient()
     figures = {f.path for f in client.list_artifacts(ev.info.run_id, "figures")}
     assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
-            "figures/retrieval_examples.png", "figures/project_loss.png"} <= figures
+            "figures/retrieval_examples.png", "figures/project_loss.png", "figures/cider_by_dim.png"} <= figures
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
+    # project captions 16 fixed val images after each epoch (1 here): a table and their distinct share
+    pr = by_stage["project"]
+    assert 0 < pr.data.metrics["val/distinct"] <= 1
+    (table,) = client.list_artifacts(pr.info.run_id, "watch_captions")
+    rows = json.loads(open(client.download_artifacts(pr.info.run_id, table.path, str(d))).read())["data"]
+    assert len(rows) == 16 and all(isinstance(r[2], str) for r in rows)
     assert client.get_registered_model("mmalign-captioner").latest_versions  # the served captioner
     for run in runs:  # nothing from the environment is logged
         assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])

@@ -422,6 +422,7 @@ class LLMConfig:
     max_caption_tokens: int = 64
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    matryoshka: bool = False  # train the projector on nested prefixes z[:, :d] of every align.mrl_dims d
 
     def __post_init__(self) -> None:
         s = "project"
@@ -454,9 +455,13 @@ class ProjectTrainConfig:
     resume: str = "auto"  # auto: a killed run resumes from its saved training state | never
     state_every: int = 50  # steps between training-state snapshots
     mixed_precision: str = "none"  # none | bf16 (autocast; weights and the loss stay float32)
+    group_by_length: bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
+    watch_images: int = 16  # val images captioned after each epoch (MLflow table + val/distinct); 0: none
 
     def __post_init__(self) -> None:
         _check_training("project", self)
+        if self.watch_images < 0:
+            _fail("project", "watch_images", self.watch_images, "must be >= 0 (0 captions none)")
 
 
 @dataclass

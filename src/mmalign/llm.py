@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .aligner import VisionTextAligner
+from .caption_loss import linear_cross_entropy
 from .config import LLMConfig, LoRAConfig, from_dict
 from .encoders import LOAD_ERRORS, freeze, model_load_error
 from .hub import local_files_only
@@ -25,6 +26,13 @@ from .utils import DTYPES, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 
 IMAGE_MARK = "<image>"  # split point in the rendered chat template; never tokenized
+
+
+def _cache_arg() -> str:
+    """The decoder's KV-cache argument: transformers 5 renamed `past_key_values` to `cache`."""
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 class VisionToLLMProjector(nn.Module):
@@ -83,6 +91,7 @@ class MultimodalLLM(nn.Module):
                                               cfg.projector_hidden)
         self.projector.to(next(self.llm.parameters()).device)
         self.end_id = self._end_token_id()
+        self._pieces: dict[str, tuple[list[int], list[int]]] = {}
 
     def train(self, mode: bool = True) -> "MultimodalLLM":
         super().train(mode)
@@ -99,7 +108,12 @@ class MultimodalLLM(nn.Module):
         return tok.eos_token_id
 
     def prompt_pieces(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the image prefix."""
+        """Token ids before and after the image prefix (rendered once per prompt: every step asks)."""
+        if prompt not in self._pieces:
+            self._pieces[prompt] = self._render_prompt(prompt)
+        return self._pieces[prompt]
+
+    def _render_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         if tok.chat_template:
             text = tok.apply_chat_template([{"role": "user", "content": f"{IMAGE_MARK}\n{prompt}"}],
@@ -112,14 +126,17 @@ class MultimodalLLM(nn.Module):
         return bos + enc(before), enc(after)
 
     def build_inputs(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]] | None = None,
-                     prompt: str | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+                     prompt: str | None = None, padding_side: str = "right",
+                     skip_before: bool = False) -> dict[str, torch.Tensor]:
         """Assemble [before][prefix x k][after][caption + end] per row.
 
         prefix (B, k, H); captions: token ids per row (training) or None (generation).
         Returns inputs_embeds (B, T, H), attention_mask (B, T) and, with captions, labels (B, T)
-        that are -100 everywhere but on the caption tokens and the end token.
+        that are -100 everywhere but on the caption tokens and the end token. skip_before leaves
+        out [before] (the lean step has its KV cache instead).
         """
         before, after = self.prompt_pieces(self.cfg.prompt if prompt is None else prompt)
+        before = [] if skip_before else before
         B, k, _ = prefix.shape
         pad = self.tokenizer.pad_token_id
         rows, label_rows = [], []
@@ -148,22 +165,90 @@ class MultimodalLLM(nn.Module):
         return out
 
     # -- image -> prefix -----------------------------------------------------------------------
-    def prefix_from_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H)."""
+    def prefix_from_features(self, vision_features: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H), from z's first `dim` coordinates."""
         device = next(self.projector.parameters()).device
         with torch.no_grad():
             z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
-        return self.projector(z)
+        return self.projector(self.nested(z, dim))
+
+    def nested(self, z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """z (B, d) -> z[:, :dim] re-normalised and zero-padded back to (B, d); dim None: all of z.
+
+        With `cfg.matryoshka` a training batch gives each row one of the aligner's MRL dims at random, so
+        one projector captions from any of them: half the rows the largest (the default dim), the others
+        one of the smaller dims uniformly (uniform over all dims cost the default dim 0.04-0.08 CIDEr).
+        Re-normalised because Phase 1's MRL loss made each normalised prefix the embedding (so every dim
+        reaches the projector at the scale it was trained at); zero-padded so the projector keeps one
+        input layer, whose columns past `dim` then see 0.
+        """
+        d = z.shape[-1]
+        if dim is None and self.training and self.cfg.matryoshka:
+            dims = torch.tensor(self.aligner.cfg.mrl_dims, device=z.device)
+            p = torch.full((len(dims),), 0.5 / max(1, len(dims) - 1), device=z.device)
+            p[-1] = 0.5 if len(dims) > 1 else 1.0
+            keep = dims[torch.multinomial(p, z.shape[0], replacement=True)]  # (B,)
+        elif dim is None or dim >= d:
+            return z
+        else:
+            keep = torch.full((z.shape[0],), dim, device=z.device)
+        mask = torch.arange(d, device=z.device) < keep[:, None]  # (B, d)
+        return torch.nn.functional.normalize(z * mask, dim=-1)
 
     def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         with torch.no_grad():
             z = self.aligner.encode_images(images)
         return self.projector(z.to(next(self.projector.parameters()).device))
 
-    def forward(self, vision_features: torch.Tensor, captions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced next-token loss on caption tokens only. Returns (logits, loss)."""
-        out = self.llm(**self.build_inputs(self.prefix_from_features(vision_features), captions))
+    def forward(self, vision_features: torch.Tensor, captions: Sequence[Sequence[int]],
+                lean: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Teacher-forced next-token loss on caption tokens only. Returns (logits, loss).
+
+        lean=True: the same loss from `lean_loss` (training and validation use it); logits is None.
+        """
+        prefix = self.prefix_from_features(vision_features)
+        if lean:
+            return None, self.lean_loss(prefix, captions)
+        out = self.llm(**self.build_inputs(prefix, captions))
         return out.logits, out.loss
+
+    def prompt_cache_usable(self) -> bool:
+        """The pre-image prompt's KV can be computed once without grad: nothing in the LLM trains (no LoRA)."""
+        return bool(self.prompt_pieces(self.cfg.prompt)[0]) and not any(p.requires_grad for p in self.llm.parameters())
+
+    def lean_loss(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The plain path's loss, spending compute only where a gradient or a label needs it.
+
+        prefix (B, k, H). The fixed tokens before the image are run once (batch 1, no grad) and their
+        KV cache is repeated across the batch when the LLM is frozen; hidden states go through the LM
+        head only at positions whose next token is a caption label (caption_loss.linear_cross_entropy).
+        """
+        cached = self.prompt_cache_usable()
+        inputs = self.build_inputs(prefix, captions, skip_before=cached)
+        embeds, mask, labels = inputs["inputs_embeds"], inputs["attention_mask"], inputs["labels"]  # (B, T, H), (B, T)
+        B, T = mask.shape
+        decoder = self.llm.get_decoder()
+        kw: dict[str, Any] = {}
+        if cached:
+            cache, P = self._prompt_cache(decoder, B)
+            kw = {_cache_arg(): cache, "use_cache": True,
+                  "position_ids": torch.arange(P, P + T, device=mask.device).expand(B, T)}  # cached are 0..P-1
+            mask = torch.cat([mask.new_ones(B, P), mask], 1)  # (B, P + T)
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, **kw).last_hidden_state  # (B, T, H)
+        keep = labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
+        return linear_cross_entropy(hidden[:, :-1][keep], self.llm.get_output_embeddings(), labels[:, 1:][keep])
+
+    @torch.no_grad()
+    def _prompt_cache(self, decoder: nn.Module, batch: int) -> tuple[Any, int]:
+        """KV cache of the pre-image prompt, computed at batch 1 and repeated to `batch` rows."""
+        from transformers import DynamicCache
+
+        before, _ = self.prompt_pieces(self.cfg.prompt)
+        ids = torch.tensor([before], device=next(self.projector.parameters()).device)  # (1, P)
+        cache = DynamicCache()
+        decoder(inputs_embeds=self.llm.get_input_embeddings()(ids), use_cache=True, **{_cache_arg(): cache})
+        cache.batch_repeat_interleave(batch)
+        return cache, len(before)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -39,6 +39,21 @@ def recall_by_dim(rows: pd.DataFrame) -> Any:
     return fig
 
 
+def cider_by_dim(rows: pd.DataFrame, matryoshka: bool) -> Any:
+    """rows: columns dim, CIDEr, blind_CIDEr (one projector captioning from each Matryoshka prefix of z)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(rows["dim"], rows["CIDEr"], "o-", label="trained")
+    ax.plot(rows["dim"], rows["blind_CIDEr"], ":", color="grey", label="blind (no image)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(rows["dim"], [str(d) for d in rows["dim"]])
+    trained = "projector trained on every prefix" if matryoshka else "projector trained on the full dim only"
+    ax.set(xlabel="embedding dim (Matryoshka prefix)", ylabel="test CIDEr", title=f"Captioning vs embedding size\n({trained})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def caption_gallery(images: Sequence[Any], generated: Sequence[str], blind: Sequence[str],
                     references: Sequence[Sequence[str]], cols: int = 4) -> Any:
     """Grid of test images with the trained caption, the blind caption and one reference."""

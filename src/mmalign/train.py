@@ -204,7 +204,7 @@ def train_alignment(model: nn.Module, train_loader: Iterable[dict[str, Any]], nu
 
 def caption_loss_fn(model: nn.Module) -> LossFn:
     def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        _, loss = net(batch["vision_features"], batch["captions"])
+        _, loss = net(batch["vision_features"], batch["captions"], lean=True)  # through `net`: DDP syncs grads
         return {"loss": loss.float()}
     return loss_fn
 
@@ -217,7 +217,7 @@ def mean_caption_loss(model: nn.Module, loader: Iterable[dict[str, Any]]) -> flo
     total, count = 0.0, 0
     device = next(model.projector.parameters()).device
     for batch in loader:
-        _, loss = model(batch["vision_features"].to(device), batch["captions"])
+        _, loss = model(batch["vision_features"].to(device), batch["captions"], lean=True)
         n = sum(min(len(c), model.cfg.max_caption_tokens - 1) + 1 for c in batch["captions"])
         total, count = total + float(loss) * n, count + n
     model.train(was_training)

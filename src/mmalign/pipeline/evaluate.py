@@ -67,7 +67,11 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
     """Trained captions vs a blind captioner (same LLM and prompt, a prefix carrying no image)."""
     mm.eval()
     test = load_features(features_dir, "test")
-    prefix = torch.cat([mm.prefix_from_features(test.vision[i:i + 256]) for i in range(0, test.num_images, 256)])
+
+    def prefix_at(dim: int | None) -> torch.Tensor:  # (N, k, H) from z's first `dim` coordinates
+        return torch.cat([mm.prefix_from_features(test.vision[i:i + 256], dim) for i in range(0, test.num_images, 256)])
+
+    prefix = prefix_at(None)
     if cfg.blind_prefix == "mean":  # the projector applied to the mean training image embedding
         train_v = load_features(features_dir, "train", stream=True).vision  # summed in chunks, never all loaded
         total = sum(train_v[i:i + 4096].double().sum(0) for i in range(0, len(train_v), 4096))
@@ -81,6 +85,13 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
     result = {}
     for name, caps in (("trained", generated), ("blind", blind_caps)):
         result[name] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
+    result["by_dim"] = {}  # one projector, captions from each Matryoshka prefix of z (the full dim: `trained`)
+    for d in mm.aligner.cfg.mrl_dims:
+        caps = generated if d >= mm.aligner.cfg.d_align else generate_all(mm, prefix_at(d), cfg, f"dim {d}")
+        result["by_dim"][str(d)] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
+    rows = pd.DataFrame([{"dim": int(d), "CIDEr": m["CIDEr"], "blind_CIDEr": result["blind"]["CIDEr"]}
+                         for d, m in result["by_dim"].items()])
+    tracker.log_figure(plots.cider_by_dim(rows, mm.cfg.matryoshka), "figures/cider_by_dim.png")
     write_csv(pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
                             "references": [" | ".join(r) for r in refs]}), out_dir / "captions.csv")
     tracker.log_artifact(out_dir / "captions.csv")
