@@ -399,3 +399,17 @@ def test_quick_start_phase2_api(tiny_llm_dir, tiny_clip_dir, images):
     assert isinstance(output, list) and len(output) == 1 and isinstance(output[0], str)
     output = mm_model.generate([image], prompt="Describe this image:")  # the seed's exact call, defaults
     assert isinstance(output, list) and len(output) == 1 and isinstance(output[0], str)
+
+
+def test_generate_without_a_prompt_uses_the_trained_prompt(tiny_llm_dir, tiny_clip_dir, images):
+    """A projector trained with project.prompt="Caption:" captions with that prompt unless told otherwise
+    (generate used to fall back to "Describe this image:", a prompt it was never trained with)."""
+    model = make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir), prompt="Caption:").eval()
+    used = []
+    pieces = model.prompt_pieces
+    model.prompt_pieces = lambda prompt: used.append(prompt) or pieces(prompt)
+    default = model.generate(images[:2], max_new_tokens=4)
+    assert used and set(used) == {"Caption:"}
+    assert default == model.generate(images[:2], prompt="Caption:", max_new_tokens=4)
+    model.generate(images[:1], prompt="Describe this image:", max_new_tokens=2)
+    assert used[-1] == "Describe this image:"  # an explicit prompt still wins

@@ -269,10 +269,11 @@ class MultimodalLLM(nn.Module):
         # With only inputs_embeds given, generate returns just the new tokens.
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def generate(self, images: Sequence[Image.Image | str | Path], prompt: str = "Describe this image:",
+    def generate(self, images: Sequence[Image.Image | str | Path], prompt: str | None = None,
                  max_new_tokens: int = 48, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True) -> list[str]:
-        """PIL images or paths -> one caption each, batched. Greedy (the default) is deterministic."""
+        """PIL images or paths -> one caption each, batched. Greedy (the default) is deterministic.
+        `prompt`: None uses the prompt the projector was trained with (cfg.prompt)."""
         was_training = self.training
         self.eval()
         captions: list[str] = []
