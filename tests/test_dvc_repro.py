@@ -138,11 +138,11 @@ def test_dvc_repro_with_two_processes(repo):
 
 
 def test_queued_experiments_in_parallel_lose_no_run(repo):
-    """4 queued experiments, 2 at a time, all log complete runs into the workspace's one mlflow.db;
+    """2 queued experiments, run side by side, and a --temp one meanwhile, all log complete runs into the workspace's one mlflow.db;
     DVC compares their metrics and plots."""
     import mlflow
 
-    names = [f"q{i}" for i in range(4)]
+    names = [f"q{i}" for i in range(2)]
     for i, name in enumerate(names):
         sh([*DVC, "exp", "run", "--queue", "--name", name, "-S", f"align.lr={0.001 * (i + 3)}"], repo)
     # `dvc queue start` spawns worker daemons and, once seen here, did not return: start it without

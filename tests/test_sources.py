@@ -158,7 +158,7 @@ def test_image_folder_with_csv_one_split_and_bad_files_skipped(tmp_path, run_pip
     assert sum(n.values()) == 16 and all(v["captions"] == N_CAPS * v["images"] for v in report["splits"].values())
     check_outputs(tmp_path, n)
     prep = [r for r in mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
-            if r.data.tags["mmalign.stage"] == "prepare" and r.data.metrics.get("skipped.total") == 5]
+            if r.data.tags.get("mmalign.stage") == "prepare" and r.data.metrics.get("skipped.total") == 5]
     assert prep and prep[0].data.metrics["skipped.unreadable_image"] == 1
 
 
