@@ -30,6 +30,9 @@ import yaml
 
 from _common import ROOT, default_params
 
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers.tiny_models import tiny_sentence_transformer  # noqa: E402  (shared with the tests)
+
 N_IMAGES = 10_000
 
 
@@ -48,27 +51,6 @@ def bytes_under(path: Path) -> int:
 
 PREPARE = ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
            "--report", "data/prepare_report.json"]
-
-
-def tiny_text_encoder(path: Path) -> Path:
-    """A sentence-transformers dir (1-layer BERT, hidden 32, mean pooling) with MiniLM's tokenizer."""
-    import shutil
-
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers import models as st_models
-    from transformers import BertConfig, BertModel
-
-    from mmalign.hub import resolve_text_model
-
-    bert = path / "bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(bert)
-    minilm = resolve_text_model("sentence-transformers/all-MiniLM-L6-v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm}/{name}", bert / name)
-    SentenceTransformer(modules=[st_models.Transformer(str(bert)), st_models.Pooling(32)], device="cpu").save(
-        str(path / "st"))
-    return path / "st"
 
 
 def disk_ratio(work: Path, photo_like: bool) -> tuple[int, int, dict]:
@@ -90,7 +72,7 @@ def disk_ratio(work: Path, photo_like: bool) -> tuple[int, int, dict]:
             im.save(src / f"{i:05d}.jpg", quality=90)
             f.write(json.dumps({"file_name": f"{i:05d}.jpg", "text": row["captions"]}) + "\n")
     params = default_params()
-    params["models"]["text"] = str(tiny_text_encoder(work / "text"))
+    params["models"]["text"] = str(tiny_sentence_transformer(work / "text"))
     params["prepare"].update(source="imagefolder", imagefolder={"path": str(src), "caption_column": "text"})
     stage("prepare", PREPARE, work, params)
     kept = bytes_under(work / "data/dataset") + bytes_under(work / "data/prepare_report.json")

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from conftest import STAGE_ARGS, run_stages
+from helpers.tiny_models import tiny_sentence_transformer
 from stages import prepare
 
 ARGS = STAGE_ARGS
@@ -85,34 +86,13 @@ def test_bad_param_fails_before_any_work(tmp_path, tiny_params_file, mlflow_uri,
     assert not (tmp_path / "data").exists()
 
 
-def _tiny_sentence_transformer(path):
-    """A sentence-transformers model dir (BERT + mean pooling) at tiny size, MiniLM's tokenizer."""
-    import shutil
-
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers import models as st_models
-    from transformers import BertConfig, BertModel
-
-    from mmalign.hub import resolve_text_model
-
-    bert = path / "bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(bert)
-    minilm = resolve_text_model("sentence-transformers/all-MiniLM-L6-v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm}/{name}", bert / name)
-    word = st_models.Transformer(str(bert))
-    SentenceTransformer(modules=[word, st_models.Pooling(32)], device="cpu").save(str(path / "st"))
-    return path / "st"
-
-
 def test_pipeline_on_local_models_by_path(tmp_path, tiny_params_file, tiny_clip_dir, tiny_chat_llm_dir, mlflow_uri,
                                           monkeypatch):
     """Real-model code path: CLIP vision dir, sentence-transformers dir and a chat Qwen2 dir, all by path."""
     import yaml
 
     monkeypatch.chdir(tmp_path)
-    text_dir = _tiny_sentence_transformer(tmp_path / "text")
+    text_dir = tiny_sentence_transformer(tmp_path / "text")
     params = yaml.safe_load(tiny_params_file.read_text())
     params["models"] = {"vision": str(tiny_clip_dir), "text": str(text_dir), "llm": str(tiny_chat_llm_dir),
                         "trust_remote_code": False}
