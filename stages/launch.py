@@ -18,7 +18,7 @@ CONFIG = "configs/accelerate.yaml"
 def preflight(argv: list[str]) -> str | None:
     """The stage's own checks (params, model ids, data path) before accelerate and torch load: a bad
     id fails in about a second, not after every process has started. Returns the error line."""
-    from mmalign.entry import one_line
+    from mmalign.entry import debug, one_line
     from mmalign.params import load_params, preflight as check
 
     stage = Path(argv[0]).stem
@@ -26,16 +26,18 @@ def preflight(argv: list[str]) -> str | None:
     try:
         check(load_params(params), data=stage == "prepare")
     except Exception as e:  # noqa: BLE001 - reported as the stage's one line, as the stage itself would
-        if os.environ.get("MMALIGN_DEBUG"):
+        if debug():
             raise
         return f"{stage} failed: {one_line(e)}"
     return None
 
 
 def main(argv: list[str]) -> int:
+    from mmalign.entry import debug, report
+
     error = preflight(argv)
     if error:
-        print(f"(MMALIGN_DEBUG=1 shows the traceback)\nERROR: {error}", file=sys.stderr)
+        report(error)
         return 1
     from accelerate.commands.launch import launch_command, launch_command_parser
 
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
             if isinstance(e, SystemExit) and not e.code:
                 return 0
             lines = [p.read_text().strip() for p in sorted(Path(errors).glob("rank*.txt"))]
-            if os.environ.get("MMALIGN_DEBUG") or not lines:
+            if debug() or not lines:
                 raise
             sys.stderr.flush()
             print(f"ERROR: {lines[0]}", file=sys.stderr)

@@ -21,6 +21,17 @@ def one_line(e: BaseException) -> str:
     return text if type(e).__name__ in PLAIN else f"{type(e).__name__}: {text}"
 
 
+def debug() -> bool:
+    """MMALIGN_DEBUG=1: show tracebacks instead of one-line errors."""
+    return os.environ.get("MMALIGN_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def report(message: str) -> None:
+    """The one line a failed stage ends with (stderr), after a pointer to the traceback."""
+    sys.stderr.flush()
+    print(f"(MMALIGN_DEBUG=1 shows the traceback)\nERROR: {message}", file=sys.stderr)
+
+
 def run_entry(command: Callable[..., Any], name: str, argv: list[str] | None = None) -> None:
     """`command`: a click command. Exits with its status, or 1 (error) / 130 (interrupted)."""
     try:
@@ -32,13 +43,12 @@ def run_entry(command: Callable[..., Any], name: str, argv: list[str] | None = N
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click usage errors print themselves
             e.show()
             sys.exit(e.exit_code)
-        if os.environ.get("MMALIGN_DEBUG", "").lower() in ("1", "true", "yes"):
+        if debug():
             raise
         message = f"{name} failed: {one_line(e)}"
         error_dir = os.environ.get("MMALIGN_ERROR_DIR")
         if error_dir:
             (Path(error_dir) / f"rank{os.environ.get('RANK', '0')}.txt").write_text(message + "\n")
-        sys.stderr.flush()
-        print(f"(MMALIGN_DEBUG=1 shows the traceback)\nERROR: {message}", file=sys.stderr)
+        report(message)
         sys.exit(1)
     sys.exit(0)

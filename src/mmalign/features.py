@@ -163,6 +163,11 @@ def encode_images(split: Any, vision: FrozenVisionEncoder, batch_size: int, num_
                                                 unit="batch")]
 
 
+def _text_to_image(captions: list[list[str]]) -> torch.Tensor:
+    """(M,) image index of each caption, captions flattened in order."""
+    return torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+
+
 TEXT_CHUNK = 2048  # captions per sentence-transformers call
 
 
@@ -184,8 +189,8 @@ def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncode
     if world > 1:
         return {**{f"vision.{rank + i * world}": x for i, x in enumerate(v)},
                 **{f"text.{rank + i * world}": x for i, x in enumerate(t)}}
-    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
-    return {"vision": torch.cat(v).contiguous(), "text": torch.cat(t).contiguous(), "text_to_image": t2i}
+    return {"vision": torch.cat(v).contiguous(), "text": torch.cat(t).contiguous(),
+            "text_to_image": _text_to_image(captions)}
 
 
 def merge_shards(parts: list[dict[str, torch.Tensor]], captions: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -193,9 +198,8 @@ def merge_shards(parts: list[dict[str, torch.Tensor]], captions: list[list[str]]
     pieces = {k: v for part in parts for k, v in part.items()}
     ordered = lambda kind: [pieces[k] for k in sorted((k for k in pieces if k.startswith(kind + ".")),  # noqa: E731
                                                       key=lambda k: int(k.split(".")[1]))]
-    t2i = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     return {"vision": torch.cat(ordered("vision")).contiguous(), "text": torch.cat(ordered("text")).contiguous(),
-            "text_to_image": t2i}
+            "text_to_image": _text_to_image(captions)}
 
 
 def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder) -> dict[str, Any]:
