@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmalign import metrics
-from mmalign.metrics import (caption_metrics, chance_retrieval, distinct_share, recall_summary,
+from mmalign.metrics import (caption_metrics, caption_metrics_sets, chance_retrieval, distinct_share, recall_summary,
                              retrieval_metrics, retrieval_ranks)
 
 
@@ -33,7 +33,7 @@ def _brute_force(img, txt, owner):
 def _old_summary(ranks, ks=(1, 5, 10)):
     """What recall_summary computed before ties were kept: plain fractions and mean of integer ranks."""
     r = torch.tensor(ranks, dtype=torch.float64)
-    return {**{f"R@{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean())}
+    return {**{f"R{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean())}
 
 
 @pytest.mark.parametrize("chunk", [1024, 3])
@@ -52,7 +52,7 @@ def _expected_by_enumeration(above, pos, neg, ks):
     """Exact expectation over every placement of the positives in the tied block (Fractions)."""
     placements = list(itertools.combinations(range(1, pos + neg + 1), pos))
     first = [above + min(c) for c in placements]  # rank of the first positive in each placement
-    out = {f"R@{k}": Fraction(sum(r <= k for r in first), len(first)) for k in ks}
+    out = {f"R{k}": Fraction(sum(r <= k for r in first), len(first)) for k in ks}
     out["mean_rank"] = Fraction(sum(first), len(first))
     return out
 
@@ -77,7 +77,7 @@ def test_tied_ranks_match_enumeration_of_tie_breaks():
 def test_perfect_embeddings_score_one():
     img, _, owner = _random_set()
     out = retrieval_metrics(img, img[owner], owner)
-    assert out["i2t"] == out["t2i"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mean_rank": 1.0}
+    assert out["i2t"] == out["t2i"] == {"R1": 1.0, "R5": 1.0, "R10": 1.0, "mean_rank": 1.0}
 
 
 def test_duplicate_images_split_the_credit():
@@ -85,7 +85,7 @@ def test_duplicate_images_split_the_credit():
     img = torch.eye(3, dtype=torch.float64)
     img[1] = img[0]  # images 0 and 1 identical: each of their captions ties between them
     t2i = recall_summary(retrieval_ranks(img, img[owner], owner)[1], ks=(1,))
-    assert t2i == {"R@1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4}
+    assert t2i == {"R1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4}
 
 
 @pytest.mark.parametrize("counts", [[1] * 7, [3] * 5, [1, 3, 5, 1, 5, 3, 3, 1]])
@@ -95,7 +95,7 @@ def test_collapsed_model_scores_exactly_chance(counts):
     same = torch.full((1, 4), 0.5)  # all embeddings equal (exact dyadic scores: ties are exact)
     out = retrieval_metrics(same.expand(len(counts), 4), same.expand(len(owner), 4), owner)
     assert out == chance_retrieval(owner, len(counts))
-    assert out["t2i"]["R@1"] == pytest.approx(1 / len(counts)) and out["i2t"]["R@1"] < 1
+    assert out["t2i"]["R1"] == pytest.approx(1 / len(counts)) and out["i2t"]["R1"] < 1
 
 
 def test_collapsed_model_on_a_large_set_is_fast_and_chance():
@@ -105,7 +105,7 @@ def test_collapsed_model_on_a_large_set_is_fast_and_chance():
     out = retrieval_metrics(same.expand(1000, 8), same.expand(5000, 8), owner)
     assert time.perf_counter() - t0 < 10
     assert out == chance_retrieval(owner, 1000)
-    assert out["i2t"]["R@1"] == pytest.approx(5 / 5000) and out["i2t"]["mean_rank"] == pytest.approx(5001 / 6)
+    assert out["i2t"]["R1"] == pytest.approx(5 / 5000) and out["i2t"]["mean_rank"] == pytest.approx(5001 / 6)
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -119,7 +119,7 @@ def test_nan_embeddings_are_refused_not_ranked_first(which):
 def test_chance_one_caption_each_is_uniform():
     out = chance_retrieval(torch.arange(10), 10)
     for d in ("i2t", "t2i"):
-        assert out[d] == pytest.approx({"R@1": 0.1, "R@5": 0.5, "R@10": 1.0, "mean_rank": 5.5}, abs=1e-12)
+        assert out[d] == pytest.approx({"R1": 0.1, "R5": 0.5, "R10": 1.0, "mean_rank": 5.5}, abs=1e-12)
 
 
 def test_chance_matches_the_closed_form():
@@ -129,7 +129,7 @@ def test_chance_matches_the_closed_form():
     out = chance_retrieval(owner, 20)["i2t"]
     for k in (1, 5, 10):
         want = sum(1 - Fraction(math.comb(m - c, k), math.comb(m, k)) for c in counts) / 20
-        assert out[f"R@{k}"] == pytest.approx(float(want), abs=1e-12)
+        assert out[f"R{k}"] == pytest.approx(float(want), abs=1e-12)
     assert out["mean_rank"] == pytest.approx(float(sum(Fraction(m + 1, c + 1) for c in counts) / 20), abs=1e-12)
 
 
@@ -147,7 +147,7 @@ def test_chance_matches_monte_carlo():
     for d, ranks in (("i2t", i2t), ("t2i", t2i)):
         mc = recall_summary(ranks.flatten())
         for k in (1, 5, 10):
-            assert mc[f"R@{k}"] == pytest.approx(exact[d][f"R@{k}"], abs=0.01)
+            assert mc[f"R{k}"] == pytest.approx(exact[d][f"R{k}"], abs=0.01)
         assert mc["mean_rank"] == pytest.approx(exact[d]["mean_rank"], rel=0.02)
 
 
@@ -208,6 +208,11 @@ def caption_scores():
         good = _call_with_timeout(caption_metrics, {i: r[0] for i, r in REFS.items()}, REFS)
         edge = _call_with_timeout(caption_metrics, EDGE_PREDS, EDGE_REFS)
         direct = _call_with_timeout(_direct_pycocoevalcap, EDGE_PREDS, EDGE_REFS)
+        other = {i: "a small red thing" for i in REFS}
+        alone = _call_with_timeout(caption_metrics, other, REFS)
+        together = _call_with_timeout(caption_metrics_sets, {"good": {i: r[0] for i, r in REFS.items()},
+                                                             "other": other}, REFS)
+    assert together == {"good": good, "other": alone}  # one JVM for several sets: the same numbers
     return good, edge, direct
 
 

@@ -7,8 +7,11 @@ import contextlib
 import io
 import logging
 import math
+import os
 import shutil
-from typing import NamedTuple
+import sys
+import tempfile
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -106,14 +109,14 @@ def _recall_at(r: TiedRanks, k: int) -> torch.Tensor:
 def recall_summary(ranks: TiedRanks | torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """Expected recall and rank under uniformly random tie-breaking, averaged over queries.
 
-    ranks: TiedRanks, or plain 1-based ranks (Q,) without ties. Returns {"R@k": mean P(rank <= k),
+    ranks: TiedRanks, or plain 1-based ranks (Q,) without ties. Returns {"Rk" (R@k): mean P(rank <= k),
     "mean_rank": mean E[rank]}, E[rank] = above + (p+q+1)/(p+1). Without ties both are the usual
     fraction of ranks <= k and mean rank.
     """
     r = ranks if isinstance(ranks, TiedRanks) else TiedRanks.untied(ranks)
     if r.above.numel() == 0:
         raise ValueError("recall_summary needs at least one rank")
-    out = {f"R@{k}": float(_recall_at(r, k).mean()) for k in ks}
+    out = {f"R{k}": float(_recall_at(r, k).mean()) for k in ks}
     above, p, q = (t.detach().cpu().double() for t in r)
     out["mean_rank"] = float((above + (p + q + 1) / (p + 1)).mean())
     return out
@@ -147,7 +150,27 @@ def chance_retrieval(text_to_image: torch.Tensor, n_images: int, ks=(1, 5, 10)) 
 _PTB_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
 
 
-def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+@contextlib.contextmanager
+def _quiet_java() -> Iterator[None]:
+    """pycocoevalcap prints progress to stdout and its PTB tokenizer jar writes a line per call to the
+    process's stderr (fd 2): both go to the debug log instead of the stage's console."""
+    out = io.StringIO()
+    with tempfile.TemporaryFile() as err, contextlib.redirect_stdout(out):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            err.seek(0)
+            chatter = (out.getvalue() + err.read().decode(errors="replace")).strip()
+            if chatter:
+                log.debug("pycocoevalcap: %s", chatter)
+
+
+def _tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
     """{id: [caption]} -> {id: [PTB-tokenized caption]}, as pycocoevalcap's PTBTokenizer, one caption a line."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -163,6 +186,13 @@ def _tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     return tok
 
 
+def _check_ids(predictions: dict[str, str], references: dict[str, list[str]]) -> None:
+    if predictions.keys() != references.keys():
+        bad = sorted(predictions.keys() ^ references.keys(), key=str)
+        raise ValueError(f"predictions and references must have the same ids; "
+                         f"id {bad[0]!r} is only in one ({len(bad)} differ)")
+
+
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
     """Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr exactly as pycocoevalcap's COCOEvalCap computes them.
 
@@ -172,10 +202,16 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     change: \r, \v, \f, U+2028, U+2029 become spaces, as pycocoevalcap does for "\n" (see
     _PTB_LINE_BREAKS). Needs Java (PTB tokenizer, METEOR); starting the METEOR JVM alone takes ~6 s.
     """
-    if predictions.keys() != references.keys():
-        bad = sorted(predictions.keys() ^ references.keys(), key=str)
-        raise ValueError(f"predictions and references must have the same ids; "
-                         f"id {bad[0]!r} is only in one ({len(bad)} differ)")
+    return caption_metrics_sets({"": predictions}, references)[""]
+
+
+def caption_metrics_sets(sets: dict[str, dict[str, str]], references: dict[str, list[str]]
+                         ) -> dict[str, dict[str, float]]:
+    """caption_metrics for several prediction sets against the same references ({name: predictions}
+    -> {name: metrics}), each equal to its own caption_metrics call, with one PTB tokenizer run and
+    one METEOR JVM for all of them (each JVM start costs seconds)."""
+    for predictions in sets.values():
+        _check_ids(predictions, references)
     for i, refs in references.items():
         if not any(r.strip() for r in refs):
             raise ValueError(f"references for id {i!r} are empty")
@@ -191,18 +227,19 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
-    stdout = io.StringIO()  # pycocoevalcap prints progress to stdout
-    with contextlib.redirect_stdout(stdout):
+    out = {}
+    with _quiet_java():
         gts = _tokenize(references)
-        res = _tokenize({i: [p] for i, p in predictions.items()})
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        meteor, _ = Meteor().compute_score(gts, res)
-        rouge, _ = Rouge().compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
-    if stdout.getvalue():
-        log.debug("pycocoevalcap: %s", stdout.getvalue().strip())
-    out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-    out.update({"METEOR": float(meteor), "ROUGE-L": float(rouge), "CIDEr": float(cider)})
+        tokenized = _tokenize({(name, i): [p] for name, preds in sets.items() for i, p in preds.items()})
+        meteor_scorer = Meteor()
+        for name, preds in sets.items():
+            res = {i: tokenized[(name, i)] for i in preds}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            meteor, _ = meteor_scorer.compute_score(gts, res)
+            rouge, _ = Rouge().compute_score(gts, res)
+            cider, _ = Cider().compute_score(gts, res)
+            out[name] = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+            out[name].update({"METEOR": float(meteor), "ROUGE-L": float(rouge), "CIDEr": float(cider)})
     return out
 
 
