@@ -100,7 +100,7 @@ def fp16_cost(work: Path) -> dict:
         stage("evaluate", ["--aligner", f"aligner-{name}", "--features", feats, "--align-plots", f"plots-{name}",
                            "--out", f"eval-{name}"], work, params)
         ret = json.loads((work / f"eval-{name}/metrics.json").read_text())["retrieval"]
-        out[name] = {"i2t_R@1": ret["i2t"]["R@1"], "t2i_R@1": ret["t2i"]["R@1"],
+        out[name] = {"i2t_R1": ret["i2t"]["R1"], "t2i_R1": ret["t2i"]["R1"],
                      "cache_MB": bytes_under(work / feats) / 2**20}
     return out
 
@@ -120,10 +120,10 @@ def main() -> None:
         (Path(tmp) / "b").mkdir()
         r = fp16_cost(Path(tmp) / "b")
         for name, m in r.items():
-            print(f"B. {name} cache ({m['cache_MB']:.1f} MB): test i2t R@1 {m['i2t_R@1']:.4f}, "
-                  f"t2i R@1 {m['t2i_R@1']:.4f}")
-        print(f"B. float16 - float32: i2t {r['float16']['i2t_R@1'] - r['float32']['i2t_R@1']:+.4f}, "
-              f"t2i {r['float16']['t2i_R@1'] - r['float32']['t2i_R@1']:+.4f}; cache size ratio "
+            print(f"B. {name} cache ({m['cache_MB']:.1f} MB): test i2t R@1 {m['i2t_R1']:.4f}, "
+                  f"t2i R@1 {m['t2i_R1']:.4f}")
+        print(f"B. float16 - float32: i2t {r['float16']['i2t_R1'] - r['float32']['i2t_R1']:+.4f}, "
+              f"t2i {r['float16']['t2i_R1'] - r['float32']['t2i_R1']:+.4f}; cache size ratio "
               f"{r['float16']['cache_MB'] / r['float32']['cache_MB']:.2f}")
 
 

@@ -33,8 +33,9 @@ def preflight(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    from mmalign.entry import debug, report
+    from mmalign.entry import debug, process_env, report
 
+    process_env()  # inherited by every process accelerate starts
     error = preflight(argv)
     if error:
         report(error)

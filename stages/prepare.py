@@ -11,7 +11,7 @@ from mmalign import distributed
 from mmalign.entry import run_entry
 from mmalign.params import load_params, models_config, prepare_config, preflight, setup_logging, tracking_config
 from mmalign.pipeline import prepare
-from mmalign.tracking import dataset_splits, stage_run
+from mmalign.tracking import log_prepared_dataset, stage_run
 
 
 @click.command()
@@ -29,11 +29,7 @@ def main(params_path: str, dataset: Path, models_dir: Path, features: Path, repo
     with stage_run("prepare", tracking.experiment, tracking.required,
                    {"models": params.get("models", {}), "prepare": params.get("prepare", {})}, params) as tracker:
         prepare.run(models, cfg, dataset, models_dir, features, report, tracker)
-        if tracker.active:  # the run's Datasets: where the data came from, and a digest of what prepare kept
-            origin = dataset if cfg.source == "synthetic" else getattr(cfg, cfg.source).path
-            hub = cfg.source == "hf" and not Path(origin).expanduser().exists()
-            tracker.log_dataset(dataset_splits(dataset), name=cfg.source if cfg.source == "synthetic" else str(origin),
-                                source=str(origin), hub=hub)
+        log_prepared_dataset(tracker, cfg, dataset)  # the run's Datasets: the origin + a digest of what was kept
 
 
 if __name__ == "__main__":

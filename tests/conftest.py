@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see mmalign.entry.process_env)
+import torch  # noqa: E402
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +49,8 @@ STAGE_ARGS = {
     "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
     "project": ["--llm", "models/llm", "--aligner", "models/aligner", "--features", "data/features",
                 "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
-    "evaluate": ["--aligner", "models/aligner", "--features", "data/features", "--align-plots", "plots/align",
-                 "--projector", "models/projector", "--project-plots", "plots/project", "--dataset", "data/dataset",
+    "evaluate": ["--aligner", "models/aligner", "--features", "data/features",
+                 "--projector", "models/projector", "--dataset", "data/dataset",
                  "--out", "eval"],
 }
 

@@ -92,7 +92,7 @@ INVALIDATES = {
     "align": {"align"}, "project": {"project"}, "evaluate": {"evaluate"},
 }
 OPERATIONAL = {"prepare.batch_size", "prepare.num_workers", "align.resume", "align.state_every", "project.resume",
-               "project.state_every", "project.watch_images", "evaluate.register_name", "tracking"}
+               "project.state_every", "project.watch_images", "tracking"}
 
 
 def leaf_keys(d: dict, prefix: str = "") -> list[str]:

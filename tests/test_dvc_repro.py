@@ -55,6 +55,22 @@ def repo(tmp_path_factory) -> Path:
     return dst
 
 
+def leaves(d: dict, prefix: str = "") -> set[str]:
+    return set().union(*[leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+                         for k, v in d.items()])
+
+
+def find_x(spec: dict) -> dict:
+    """The x encoding of a (layered) vega-lite spec."""
+    for layer in spec.get("layer", []) + spec.get("spec", {}).get("layer", []):
+        if "x" in layer.get("encoding", {}):
+            return layer["encoding"]["x"]
+        found = find_x(layer)
+        if found:
+            return found
+    return {}
+
+
 def stages_run(log: str) -> list[str]:
     return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")]
 
@@ -63,14 +79,24 @@ def test_dvc_repro_end_to_end(repo):
     log = sh([*DVC, "repro"], repo)
     assert sorted(stages_run(log)) == ["align", "evaluate", "llm", "prepare", "project"]
     assert stages_run(log)[0] == "prepare" and stages_run(log)[-1] == "evaluate"
-    metrics = json.loads((repo / "eval/metrics.json").read_text())
-    assert {"retrieval", "captioning"} <= set(metrics)
+    headline = json.loads((repo / "eval/metrics.json").read_text())
+    assert len(leaves(headline)) <= 16 and {"i2t_R1", "CIDEr", "blind_CIDEr"} <= set(headline["image"])
+    assert {"retrieval", "captioning"} <= set(json.loads((repo / "eval/metrics_all.json").read_text())["image"])
     assert (repo / "mlflow.db").exists() and any((repo / "mlartifacts").rglob("*.png"))
 
     # Nothing changed: nothing runs.
     assert stages_run(sh([*DVC, "repro"], repo)) == []
-    shown = sh([*DVC, "metrics", "show", "--json"], repo)
-    assert "retrieval" in shown
+    shown = json.loads(sh([*DVC, "metrics", "show", "--json"], repo))
+    assert set(shown[""]["data"]) == {"eval/metrics.json"}  # the headline only; the full set on request:
+    assert "retrieval" in sh([*DVC, "metrics", "show", "eval/metrics_all.json", "--json"], repo)
+    # Each plot once (the top-level definitions), each x a real column: no panel over a row index.
+    panels = json.loads(sh([*DVC, "plots", "show", "--json"], repo))["data"]
+    declared = {name: spec["x"] for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+                for name, spec in entry.items()}
+    assert set(panels) == set(declared)
+    for name, (panel,) in panels.items():
+        x = panel["content"]["encoding"]["x"] if "encoding" in panel["content"] else find_x(panel["content"])
+        assert x["field"] == declared[name] and x["title"], name
 
     # An align param re-runs align and what consumes its checkpoint, never prepare.
     sh([*DVC, "exp", "run", "-S", "align.lr=0.002", "--name", "lr-test"], repo)
@@ -114,6 +140,30 @@ def test_a_bad_model_id_fails_dvc_repro_in_seconds(repo, key):
     assert took < 20, took
 
 
+def readme_commands() -> list[str]:
+    """The short commands of README's bash blocks, as written: `dvc` inspection and `mmalign`. Left out:
+    set-up lines, servers (`mlflow ui`, `mlflow models serve`, `curl`), `dvc exp run` / `dvc queue` (the
+    tests above run experiments), and lines with a <placeholder>."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    lines = [line.split("  #")[0].strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    keep = ("dvc metrics", "dvc plots", "dvc exp show", "dvc status", "mmalign ")
+    return [line for line in lines if line.startswith(keep) and "<" not in line]
+
+
+def test_readme_commands_run_as_written(repo):
+    from PIL import Image
+
+    commands = readme_commands()
+    assert len(commands) >= 12 and "mmalign register" in commands, commands
+    for name in ("img1.png", "img2.jpg", "img.png", "photos/a.png", "photos/b.png"):
+        (repo / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), "red").save(repo / name)
+    for command in commands:
+        out = subprocess.run(command, shell=True, cwd=repo, env=_env(), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"README command failed: {command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+
+
 def test_dvc_repro_with_two_processes(repo):
     """`accelerate launch` with 2 processes (DDP over gloo) for align and project, same metric keys."""
     import mlflow
@@ -123,11 +173,7 @@ def test_dvc_repro_with_two_processes(repo):
     assert stages_run(log) == ["align", "project", "evaluate"]
     after = json.loads((repo / "eval/metrics.json").read_text())  # the experiment's results, in the workspace
 
-    def keys(d: dict, prefix: str = "") -> set[str]:
-        return set().union(*[keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-                             for k, v in d.items()])
-
-    assert keys(after) == keys(before)
+    assert leaves(after) == leaves(before)
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = [r for r in mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
             if r.data.tags.get("dvc.exp_name") == "ddp2" and "mmalign.stage" in r.data.tags]
@@ -165,7 +211,7 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
     done = {r.data.tags.get("dvc.exp_name") for r in runs
             if r.data.tags.get("mmalign.stage") == "evaluate" and r.info.status == "FINISHED"
-            and "retrieval.i2t.R_at_1" in r.data.metrics}
+            and "image.retrieval.i2t.R1" in r.data.metrics and "image.i2t_R1" in r.data.metrics}
     assert set(names) <= done
 
     # The experiment commits carry the metrics and plots: DVC shows and diffs them.
@@ -174,8 +220,12 @@ def test_queued_experiments_in_parallel_lose_no_run(repo):
                                                          for x in ex.get("revs", [])]] if e.get("name")}
     for name in names[:2]:
         metrics = exps[name]["data"]["metrics"]["eval/metrics.json"]["data"]
-        assert metrics["retrieval"]["i2t"]["R@1"] >= 0, name
+        assert metrics["image"]["i2t_R1"] >= 0, name
     diff = json.loads(sh([*DVC, "metrics", "diff", names[0], names[1], "--all", "--json"], repo))
-    assert "retrieval.i2t.R@1" in diff["eval/metrics.json"]
+    assert "image.i2t_R1" in diff["eval/metrics.json"]
+    # The comparison table fits a 200-column terminal for two experiments.
+    table = sh([*DVC, "exp", "show", "--only-changed", "--no-pager", "--rev", names[0], "--rev", names[1]], repo,
+               env={"COLUMNS": "1000"})
+    assert max(len(line.rstrip()) for line in table.splitlines()) <= 200, table
     plots = sh([*DVC, "plots", "diff", names[0], names[1], "--json"], repo)
     assert "recall_by_dim" in plots and "align_loss" in plots

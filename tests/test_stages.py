@@ -12,7 +12,7 @@ from helpers.tiny_models import tiny_sentence_transformer
 from stages import prepare
 
 ARGS = STAGE_ARGS
-KEYS = {"R@1", "R@5", "R@10", "mean_rank"}
+KEYS = {"R1", "R5", "R10", "mean_rank"}
 CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct"}
 
 
@@ -33,19 +33,23 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     report = json.loads((d / "data/prepare_report.json").read_text())
     assert report["splits"]["train"] == {"images": 48, "captions": 48 * 3}
 
-    metrics = json.loads((d / "eval/metrics.json").read_text())
+    headline = json.loads((d / "eval/metrics.json").read_text())  # what `dvc exp show` compares
+    assert set(headline) == {"image"} and set(headline["image"]) == {
+        "i2t_R1", "t2i_R1", "chance_i2t_R1", "chance_t2i_R1", "CIDEr", "blind_CIDEr", "distinct"}
+    metrics = json.loads((d / "eval/metrics_all.json").read_text())["image"]  # every number
+    assert headline["image"]["CIDEr"] == metrics["captioning"]["trained"]["CIDEr"]
     ret = metrics["retrieval"]
     for direction in ("i2t", "t2i"):
         assert set(ret[direction]) == KEYS and set(ret["chance"][direction]) == KEYS
         assert set(ret["by_dim"]) == {"8", "16", "32"}
         assert set(ret["by_dim"]["8"][direction]) == KEYS
-    assert ret["chance"]["t2i"]["R@1"] == pytest.approx(1 / 16)
+    assert ret["chance"]["t2i"]["R1"] == pytest.approx(1 / 16)
     assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS == set(metrics["captioning"]["blind"])
     by_dim = metrics["captioning"]["by_dim"]  # captions from every MRL dim of one Matryoshka-trained projector
     assert set(by_dim) == {"8", "16", "32"} and all(set(m) == CAPTION_KEYS for m in by_dim.values())
     assert by_dim["32"] == metrics["captioning"]["trained"]
     assert (d / "eval/captions.csv").read_text().count("\n") == 16 + 1
-    assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
+    assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "eval/plots/cider_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
 
     # One MLflow run per stage, nested under one parent run of the pipeline; evaluate carries all params + figures.
     runs = mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
@@ -59,11 +63,14 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert set(inputs) == {"train", "val", "test"} and inputs["train"].name == "synthetic"
     ev = by_stage["evaluate"]
     assert ev.data.params["align.d_align"] == "32" and "project.k" in ev.data.params
-    assert "retrieval.i2t.R_at_1" in ev.data.metrics
+    # one naming scheme: MLflow's keys are the metrics files' dotted paths
+    assert ev.data.metrics["image.i2t_R1"] == headline["image"]["i2t_R1"] == ev.data.metrics["image.retrieval.i2t.R1"]
     client = mlflow.MlflowClient()
     figures = {f.path for f in client.list_artifacts(ev.info.run_id, "figures")}
-    assert {"figures/r1_by_dim.png", "figures/align_loss.png", "figures/caption_gallery.png",
-            "figures/retrieval_examples.png", "figures/project_loss.png", "figures/cider_by_dim.png"} <= figures
+    assert {"figures/r1_by_dim.png", "figures/caption_gallery.png", "figures/retrieval_examples.png",
+            "figures/cider_by_dim.png"} <= figures
+    for stage in ("align", "project"):  # each training stage draws its own loss curve
+        assert [f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "figures")] == [f"figures/{stage}_loss.png"]
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
     # project captions 16 fixed val images after each epoch (1 here): a table and their distinct share
     pr = by_stage["project"]
@@ -71,7 +78,8 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     (table,) = client.list_artifacts(pr.info.run_id, "watch_captions")
     rows = json.loads(open(client.download_artifacts(pr.info.run_id, table.path, str(d))).read())["data"]
     assert len(rows) == 16 and all(isinstance(r[2], str) for r in rows)
-    assert client.get_registered_model("mmalign-captioner").latest_versions  # the served captioner
+    assert not client.search_registered_models()  # evaluate logs the captioner; registering is a choice
+    check_register()
     for run in runs:  # nothing from the environment is logged
         assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
     # Weights are safetensors only: nothing that would be unpickled on load.
@@ -104,5 +112,31 @@ def test_pipeline_on_local_models_by_path(tmp_path, tiny_params_file, tiny_clip_
     assert json.loads((tmp_path / "models/llm/models.json").read_text()) == {"llm": str(tiny_chat_llm_dir)}
     assert report["text_dim"] == 32 and report["vision_dim"] == 32
     assert not (tmp_path / "models/builtin/tiny-clip").exists() and not (tmp_path / "models/llm/tiny-qwen2").exists()
-    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval/metrics_all.json").read_text())["image"]
     assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS
+
+
+def check_register() -> None:
+    """`mmalign register` on the pipeline's store: the best evaluate run, a description, @champion."""
+    from click.testing import CliRunner
+
+    from mmalign.cli import mmalign
+
+    result = CliRunner().invoke(mmalign, ["register"])  # the best evaluate run of experiment mmalign
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "models:/mmalign-captioner@champion"
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("mmalign-captioner", "champion")
+    (ev,) = mlflow.search_runs(experiment_names=["mmalign"], filter_string="tags.`mmalign.stage` = 'evaluate'",
+                               output_format="list")
+    assert str(version.version) == "1" and version.run_id == ev.info.run_id
+    assert f"CIDEr {ev.data.metrics['image.CIDEr']:.3f} (vs {ev.data.metrics['image.blind_CIDEr']:.3f})" in version.description
+    assert "params sha256" in version.description and "synthetic@" in version.description
+    assert version.tags["run_id"] == ev.info.run_id
+    assert mlflow.models.get_model_info("models:/mmalign-captioner@champion").signature is not None
+
+    again = CliRunner().invoke(mmalign, ["register", ev.info.run_id, "--alias", "staging"])  # by run id
+    assert again.exit_code == 0, again.output
+    assert str(client.get_model_version_by_alias("mmalign-captioner", "staging").version) == "2"
+    missing = CliRunner().invoke(mmalign, ["register", "no-such-experiment"])
+    assert missing.exit_code == 1 and "no MLflow experiment named 'no-such-experiment'" in missing.output

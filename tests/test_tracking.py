@@ -40,12 +40,12 @@ def test_stage_run_tags_and_params(tmp_path, monkeypatch, mlflow_uri):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
     with stage_run("align", "t", params={"align": {"lr": 0.1}}) as tracker:
-        tracker.log_metrics({"a": {"b": 1.0}, "R@1": 0.5}, step=3)
+        tracker.log_metrics({"a": {"b": 1.0}, "R1": 0.5}, step=3)
     (run,) = stage_runs("t")
     assert run.data.tags["mmalign.stage"] == "align" and run.data.tags["dvc.exp_name"] == "exp-1"
     assert run.data.tags["mmalign.pipeline"] == "exp-1" and run.info.run_name == "exp-1/align"
     assert run.data.params == {"align.lr": "0.1"}
-    assert run.data.metrics == {"a.b": 1.0, "R_at_1": 0.5}
+    assert run.data.metrics == {"a.b": 1.0, "R1": 0.5}
     assert run.info.status == "FINISHED"
 
 

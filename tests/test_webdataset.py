@@ -102,8 +102,8 @@ def test_the_whole_pipeline_on_img2dataset_shards(tmp_path, shard_params, mlflow
     report = json.loads((tmp_path / "data/prepare_report.json").read_text())
     assert report["skipped"] == {"missing_caption": 1, "truncated_image": 1}
     assert {k: v["images"] for k, v in report["splits"].items()} == {"train": 10, "val": 6, "test": 6}
-    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
-    assert metrics["retrieval"]["chance"]["t2i"]["R@1"] == pytest.approx(1 / 6)
+    metrics = json.loads((tmp_path / "eval/metrics_all.json").read_text())["image"]
+    assert metrics["retrieval"]["chance"]["t2i"]["R1"] == pytest.approx(1 / 6)
     assert "CIDEr" in metrics["captioning"]["trained"]
     # Lean outputs: captions and ids for every split, images only for the test split (evaluate's figures).
     ds = datasets.load_from_disk(str(tmp_path / "data/dataset"))

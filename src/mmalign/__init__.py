@@ -10,12 +10,6 @@ torch models it never uses, and each DVC stage's import closure stays the module
 """
 
 import importlib
-import os
-
-# OpenMP threads that spin while waiting stall badly when another process shares the cores (two
-# queued experiments, a test run): measured on 2 cores, a small-matmul loop took 24.7 s vs 8.4 s
-# with passive waiting, and 1.82 s vs 1.88 s on an idle machine. Only effective before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "VisionTextAligner": "aligner", "AlignmentConfig": "config", "LLMConfig": "config", "LoRAConfig": "config",

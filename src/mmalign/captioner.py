@@ -184,7 +184,7 @@ def log_captioner(tracker_or_run: Any, aligner_dir: str | Path, projector_dir: s
         pip_requirements=_requirements(), code_paths=[str(PACKAGE_DIR)], registered_model_name=registered_name)
     with tempfile.TemporaryDirectory(prefix="mmalign-captioner-") as tmp, warnings.catch_warnings():
         # predict takes a DataFrame and has no type hints on purpose: the signature above is the schema.
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # after an ANSI code
         code = Path(tmp) / "captioner_model.py"
         code.write_text(MODEL_CODE)
         if isinstance(tracker_or_run, Tracker):  # logs into the stage's open run

@@ -278,8 +278,38 @@ def export(out: Path, aligner: Path, projector: Path, no_projector: bool, copy_m
     report(f"exported the model to {out}" + (" (frozen models copied in)" if copy_models else ""))
 
 
+@mmalign.command()
+@click.argument("target", required=False)
+@click.option("--experiment", default="mmalign", show_default=True,
+              help="The experiment to pick the best evaluate run from when TARGET is not given.")
+@click.option("--name", default="mmalign-captioner", show_default=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="The alias the new version gets.")
+@click.option("--metric", default="image.CIDEr", show_default=True,
+              help="Headline metric (eval/metrics.json key) that picks the best run, highest first.")
+def register(target: str | None, experiment: str, name: str, alias: str, metric: str) -> None:
+    """Register a trained captioner in the MLflow Model Registry and point an alias at it.
+
+    TARGET: an evaluate run id, or an experiment name (the best finished evaluate run by --metric).
+    The version's description holds the headline metrics beside their baselines, a params hash and the
+    data; serve it with `mlflow models serve -m models:/NAME@ALIAS`. Uses the repo's MLflow store
+    (run from the repo root) or MLFLOW_TRACKING_URI.
+    """
+    from .registry import register as register_model
+
+    try:
+        version = register_model(target, experiment, name, alias, metric)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    report(f"registered models:/{name}/{version.version} (alias @{alias}) from run {version.run_id}:\n"
+           + version.description)
+    click.echo(f"models:/{name}@{alias}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point of `mmalign` (pyproject.toml [project.scripts])."""
+    from .entry import process_env
+
+    process_env()
     mmalign.main(args=list(argv) if argv is not None else None, prog_name="mmalign")
 
 

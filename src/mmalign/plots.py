@@ -5,9 +5,12 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Sequence
 
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg")  # headless: stages run without a display
+if "ipykernel" not in sys.modules:  # stages and the CLI draw headless; a notebook keeps its inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -25,11 +28,11 @@ def loss_curve(steps: pd.DataFrame, title: str, columns: Sequence[str] = ("loss"
 
 
 def recall_by_dim(rows: pd.DataFrame) -> Any:
-    """rows: columns dim, i2t_R@1, t2i_R@1, chance_i2t_R@1, chance_t2i_R@1."""
+    """rows: columns dim, i2t_R1, t2i_R1, chance_i2t_R1, chance_t2i_R1."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for d, style in (("i2t", "o-"), ("t2i", "s-")):
-        ax.plot(rows["dim"], rows[f"{d}_R@1"], style, label=f"{d} R@1")
-        ax.plot(rows["dim"], rows[f"chance_{d}_R@1"], ":", color="grey", label=f"{d} chance")
+        ax.plot(rows["dim"], rows[f"{d}_R1"], style, label=f"{d} R@1")
+        ax.plot(rows["dim"], rows[f"chance_{d}_R1"], ":", color="grey", label=f"{d} chance")
     ax.set_xscale("log", base=2)
     ax.set_xticks(rows["dim"], [str(d) for d in rows["dim"]])
     ax.set(xlabel="embedding dim (Matryoshka prefix)", ylabel="test R@1", title="Retrieval vs embedding size")
@@ -54,19 +57,37 @@ def cider_by_dim(rows: pd.DataFrame, matryoshka: bool) -> Any:
     return fig
 
 
+def wrap(text: str, width: int, max_lines: int) -> str:
+    """Wrapped to `width` columns; past `max_lines`, cut at a word and ended with an ellipsis."""
+    lines = textwrap.wrap(text, width) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:width - 1].rstrip() + "\u2026"
+    return "\n".join(lines)
+
+
 def caption_gallery(images: Sequence[Any], generated: Sequence[str], blind: Sequence[str],
                     references: Sequence[Sequence[str]], cols: int = 4) -> Any:
-    """Grid of test images with the trained caption, the blind caption and one reference."""
+    """Grid of test images, each with the trained caption (bold, blue) and one reference (grey, italic).
+    The blind captioner's caption (no image) is the same for every image: it is shown once, on top.
+    Captions longer than 5 lines end in an ellipsis; eval/captions.csv has them in full."""
     n = len(images)
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
+    height = 4.9 * rows + 1.4  # inches: each row's image with up to 5 caption lines above and below
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 1.5 / height, bottom=0.9 / height, hspace=0.55, wspace=0.1)
     for ax in axes.flat:
         ax.axis("off")
+    one_blind = bool(blind) and len(set(blind)) == 1
     for ax, im, gen, bl, refs in zip(axes.flat, images, generated, blind, references):
         ax.imshow(im, interpolation="nearest")
-        wrap = lambda s: "\n".join(textwrap.wrap(s, 44)[:3])  # noqa: E731
-        ax.set_title(f"model: {wrap(gen)}\nblind: {wrap(bl)}\nref: {wrap(refs[0])}", fontsize=7, loc="left")
-    fig.tight_layout()
+        ax.text(0, 1.02, "reference: " + wrap(refs[0], 50, 5), transform=ax.transAxes, va="bottom", fontsize=7,
+                color="0.35", style="italic")
+        below = "model: " + wrap(gen, 48, 5) + ("" if one_blind else "\nblind: " + wrap(bl, 48, 2))
+        ax.text(0, -0.02, below, transform=ax.transAxes, va="top", fontsize=7.5, color="tab:blue", weight="bold")
+    if one_blind:
+        fig.suptitle("blind captioner (same LLM and prompt, no image), for every image:\n" + wrap(blind[0], 140, 2),
+                     fontsize=9, color="tab:red")
     return fig
 
 

@@ -28,11 +28,6 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PIPELINE_ROLE = "mmalign.role"  # = "pipeline" on the parent run of a pipeline execution
 
 
-def metric_key(key: str) -> str:
-    """A metric name MLflow accepts (alphanumerics and `_ - . / : space`): `R@1` -> `R_at_1`."""
-    return key.replace("@", "_at_")
-
-
 def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
@@ -77,7 +72,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.active:
-            clean = {metric_key(k): float(v) for k, v in flatten(metrics).items()
+            clean = {k: float(v) for k, v in flatten(metrics).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.mlflow.log_metrics(clean, step=step)
 
@@ -131,6 +126,20 @@ def dataset_splits(dataset_dir: str | Path) -> dict[str, Any]:
     dd = datasets.load_from_disk(str(dataset_dir))
     return {name: split.remove_columns([c for c, f in split.features.items() if isinstance(f, datasets.Image)])
             .to_pandas() for name, split in dd.items()}
+
+
+def log_prepared_dataset(tracker: Tracker, prepare_cfg: Any, dataset_dir: str | Path,
+                         splits: tuple[str, ...] | None = None) -> None:
+    """Log the dataset `prepare` wrote (all splits, or `splits`) as the run's inputs, named by where the
+    data came from: `synthetic`, or the hf/imagefolder/webdataset path or hub id."""
+    if not tracker.active:
+        return
+    source = prepare_cfg.source
+    origin = str(dataset_dir) if source == "synthetic" else getattr(prepare_cfg, source).path
+    frames = dataset_splits(dataset_dir)
+    tracker.log_dataset({k: v for k, v in frames.items() if splits is None or k in splits},
+                        name=source if source == "synthetic" else origin, source=origin,
+                        hub=source == "hf" and not Path(origin).expanduser().exists())
 
 
 def _configure_timeouts() -> None:

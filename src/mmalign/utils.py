@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -27,9 +28,55 @@ CHECKSUMS = "checksums.json"  # beside model.safetensors: {"model.safetensors": 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """tqdm that redraws at most every 15 s when stderr is not a terminal (DVC, CI logs)."""
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 15.0)
+class LogProgress:
+    """What `progress` is when stderr is not a terminal (DVC's piped output, CI logs): no bar and no
+    carriage returns, but a log line at most every `every` seconds (and one when a long loop ends), so
+    a piped log says what runs and how far it is, in plain lines. Takes tqdm's arguments it needs."""
+
+    def __init__(self, iterable: Any = None, desc: str = "", total: int | None = None, unit: str = "it",
+                 disable: bool = False, every: float = 20.0, **_: Any):
+        self.iterable, self.desc, self.unit, self.disable, self.every = iterable, desc, unit, disable, every
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.postfix, self.logged = 0, "", False
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and now - self.last >= self.every:
+            self.last, self.logged = now, True
+            self._log()
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.logged:  # a loop that said it was running also says it finished
+            self.logged = False
+            self._log()
+
+    def _log(self) -> None:
+        of = f"/{self.total}" if self.total else ""
+        log.info("%s: %d%s %s, %.0f s%s", self.desc, self.n, of, self.unit, time.monotonic() - self.start,
+                 f" ({self.postfix})" if self.postfix else "")
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar on a terminal; LogProgress lines when stderr is piped (DVC, CI)."""
+    if not sys.stderr.isatty():
+        return LogProgress(iterable, **kwargs)
     return tqdm(iterable, **kwargs)
 
 

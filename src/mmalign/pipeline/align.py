@@ -38,8 +38,8 @@ def embed(model: VisionTextAligner, feats: Features, batch_size: int = 1024) -> 
 
 def val_retrieval(model: VisionTextAligner, feats: Features) -> dict[str, float]:
     m = retrieval_metrics(*embed(model, feats), feats.text_to_image)
-    out = {f"val/{d}_{k}": v for d in ("i2t", "t2i") for k, v in m[d].items() if k.startswith("R@")}
-    out["val/mean_R@1"] = (m["i2t"]["R@1"] + m["t2i"]["R@1"]) / 2
+    out = {f"val/{d}_{k}": v for d in ("i2t", "t2i") for k, v in m[d].items() if k[0] == "R"}
+    out["val/mean_R1"] = (m["i2t"]["R1"] + m["t2i"]["R1"]) / 2
     return out
 
 
@@ -75,8 +75,8 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     log.info("align: %d train images, %d val images, %d steps/epoch of %d (%d processes)", train.num_images,
              val.num_images, len(loader), cfg.batch_size, distributed.world_size())
     history = train_alignment(
-        model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R@1",
+        model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R1",
         save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir), on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, fp["files"]))
-    write_history(history, plots_dir, tracker)
+    write_history(history, plots_dir, tracker, "align")
     return history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +14,33 @@ import pandas as pd
 from .. import distributed
 from ..utils import atomic_path
 
+log = logging.getLogger(__name__)
+
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
 
 
-def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any) -> None:
-    """Per-step training terms -> loss.csv, per-epoch validation -> val.csv (DVC plots), and to MLflow.
-    Rank 0 alone writes them in a multi-process run."""
+def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any, stage: str) -> None:
+    """Per-step training terms -> loss.csv, per-epoch validation -> val.csv (DVC plots), and to MLflow;
+    says which epoch the checkpoint kept. Rank 0 alone writes them in a multi-process run."""
     if not distributed.is_main_process():
         return
-    write_csv(pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", "")), plots_dir / "loss.csv")
+    best = history["best"]
+    if best:
+        log.info("%s: kept epoch %d of %d (%s)", stage, best["epoch"], len(history["epochs"]),
+                 ", ".join(f"{k.replace('val/', 'val ')} {v:.4f}" for k, v in best.items() if k.startswith("val/")))
+    steps = pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", ""))
+    write_csv(steps, plots_dir / "loss.csv")
     write_csv(pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")), plots_dir / "val.csv")
     tracker.log_metrics({k.replace("val/", "best_val/"): v for k, v in history["best"].items() if k.startswith("val/")})
     tracker.log_artifact(plots_dir, "plots")
+    if tracker.active:
+        from .. import plots
+
+        terms = ("loss", "clip", "mrl") if stage == "align" else ("loss",)
+        tracker.log_figure(plots.loss_curve(steps, f"{stage}: training loss", terms), f"figures/{stage}_loss.png")
 
 
 def state_options(cfg: Any, state_dir: Path | None, *inputs: Any) -> dict[str, Any]:

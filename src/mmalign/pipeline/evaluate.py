@@ -1,5 +1,6 @@
 """evaluate: test-split retrieval (full dim + every Matryoshka dim, with chance) and captioning
-(trained vs blind), figures to MLflow, `eval/metrics.json` for DVC."""
+(trained vs blind), figures to MLflow. DVC gets the headline numbers in `eval/metrics.json` and the
+full set in `eval/metrics_all.json`; MLflow gets both under the same dotted keys."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..aligner import VisionTextAligner
 from ..config import EvaluateConfig
 from ..features import load_features
 from ..llm import MultimodalLLM
-from ..metrics import caption_metrics, chance_retrieval, distinct_share, retrieval_metrics
+from ..metrics import caption_metrics_sets, chance_retrieval, distinct_share, retrieval_metrics
 from ..utils import atomic_path, get_device, progress, write_json
 from .align import embed
 from .common import write_csv
@@ -47,8 +48,8 @@ def retrieval_figure(z_v: torch.Tensor, z_t: torch.Tensor, test: Any, split: Any
 
 
 def by_dim_rows(ret: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"dim": int(d), "i2t_R@1": m["i2t"]["R@1"], "t2i_R@1": m["t2i"]["R@1"],
-                          "chance_i2t_R@1": ret["chance"]["i2t"]["R@1"], "chance_t2i_R@1": ret["chance"]["t2i"]["R@1"]}
+    return pd.DataFrame([{"dim": int(d), "i2t_R1": m["i2t"]["R1"], "t2i_R1": m["t2i"]["R1"],
+                          "chance_i2t_R1": ret["chance"]["i2t"]["R1"], "chance_t2i_R1": ret["chance"]["t2i"]["R1"]}
                          for d, m in ret["by_dim"].items()])
 
 
@@ -80,17 +81,18 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
         blind = torch.zeros_like(prefix[:1])
     generated = generate_all(mm, prefix, cfg, "trained")
     blind_caps = generate_all(mm, blind.expand(prefix.shape[0], -1, -1).contiguous(), cfg, "blind")
+    # one projector, captions from each Matryoshka prefix of z; the full dim's are `trained`
+    dims, full = mm.aligner.cfg.mrl_dims, mm.aligner.cfg.d_align
+    smaller = {d: generate_all(mm, prefix_at(d), cfg, f"dim {d}") for d in dims if d < full}
     ids, refs = test_split["id"], test_split["captions"]
-    references = dict(zip(ids, refs))
-    result = {}
-    for name, caps in (("trained", generated), ("blind", blind_caps)):
-        result[name] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
-    result["by_dim"] = {}  # one projector, captions from each Matryoshka prefix of z (the full dim: `trained`)
-    for d in mm.aligner.cfg.mrl_dims:
-        caps = generated if d >= mm.aligner.cfg.d_align else generate_all(mm, prefix_at(d), cfg, f"dim {d}")
-        result["by_dim"][str(d)] = {**caption_metrics(dict(zip(ids, caps)), references), "distinct": distinct_share(caps)}
+    sets = {"trained": generated, "blind": blind_caps, **{f"dim {d}": caps for d, caps in smaller.items()}}
+    log.info("scoring %d caption sets against the references (pycocoevalcap)", len(sets))
+    scores = caption_metrics_sets({name: dict(zip(ids, caps)) for name, caps in sets.items()}, dict(zip(ids, refs)))
+    result = {name: {**scores[name], "distinct": distinct_share(caps)} for name, caps in sets.items()}
+    result["by_dim"] = {str(d): result.pop(f"dim {d}") if d < full else result["trained"] for d in dims}
     rows = pd.DataFrame([{"dim": int(d), "CIDEr": m["CIDEr"], "blind_CIDEr": result["blind"]["CIDEr"]}
                          for d, m in result["by_dim"].items()])
+    write_csv(rows, out_dir / "plots" / "cider_by_dim.csv")
     tracker.log_figure(plots.cider_by_dim(rows, mm.cfg.matryoshka), "figures/cider_by_dim.png")
     write_csv(pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
                             "references": [" | ".join(r) for r in refs]}), out_dir / "captions.csv")
@@ -104,9 +106,8 @@ def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_
     return result
 
 
-def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots: Path, out_dir: Path,
-        tracker: Any, projector_dir: Path | None = None, dataset_dir: Path | None = None,
-        project_plots: Path | None = None) -> dict[str, Any]:
+def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, out_dir: Path, tracker: Any,
+        projector_dir: Path | None = None, dataset_dir: Path | None = None) -> dict[str, Any]:
     if cfg.captioning and (projector_dir is None or dataset_dir is None):
         raise ValueError("evaluate.captioning is true but no projector checkpoint/dataset was given: "
                          "pass --projector and --dataset, or set evaluate.captioning: false")
@@ -114,15 +115,13 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
     model = VisionTextAligner.from_pretrained(aligner_dir).to(get_device()).eval()
     ret, embeddings = retrieval(model, features_dir)
     metrics: dict[str, Any] = {"retrieval": ret}
-    log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R@1"],
-             ret["chance"]["i2t"]["R@1"], ret["t2i"]["R@1"], ret["chance"]["t2i"]["R@1"])
+    log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R1"],
+             ret["chance"]["i2t"]["R1"], ret["t2i"]["R1"], ret["chance"]["t2i"]["R1"])
 
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     rows = by_dim_rows(ret)
     write_csv(rows, out_dir / "plots" / "r1_by_dim.csv")
     tracker.log_figure(plots.recall_by_dim(rows), "figures/r1_by_dim.png")
-    steps = pd.read_csv(align_plots / "loss.csv")
-    tracker.log_figure(plots.loss_curve(steps, "align: training loss", ("loss", "clip", "mrl")), "figures/align_loss.png")
 
     if dataset_dir is not None:
         import datasets
@@ -134,11 +133,25 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, align_plots:
         metrics["captioning"] = captioning(cfg, mm, features_dir, test_split, out_dir, tracker)
         log.info("test captioning: CIDEr %.3f (blind %.3f), distinct %.2f", metrics["captioning"]["trained"]["CIDEr"],
                  metrics["captioning"]["blind"]["CIDEr"], metrics["captioning"]["trained"]["distinct"])
-        if project_plots is not None:
-            steps = pd.read_csv(project_plots / "loss.csv")
-            tracker.log_figure(plots.loss_curve(steps, "project: caption loss"), "figures/project_loss.png")
 
-    write_json(out_dir / "metrics.json", metrics)
-    tracker.log_metrics(metrics)
+    top, everything = headline(metrics), {"image": metrics}
+    write_json(out_dir / "metrics_all.json", everything)
+    write_json(out_dir / "metrics.json", top)
+    tracker.log_metrics(top)
+    tracker.log_metrics(everything)
     tracker.log_artifact(out_dir / "metrics.json")
+    tracker.log_artifact(out_dir / "metrics_all.json")
     return metrics
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a person compares (eval/metrics.json, `dvc exp show`): R@1 both ways at the full dim
+    beside chance, CIDEr trained beside blind, the distinct-caption share. Keys nest by modality."""
+    ret = metrics["retrieval"]
+    out = {f"{d}_R1": ret[d]["R1"] for d in ("i2t", "t2i")}
+    out |= {f"chance_{d}_R1": ret["chance"][d]["R1"] for d in ("i2t", "t2i")}
+    if "captioning" in metrics:
+        cap = metrics["captioning"]
+        out |= {"CIDEr": cap["trained"]["CIDEr"], "blind_CIDEr": cap["blind"]["CIDEr"],
+                "distinct": cap["trained"]["distinct"]}
+    return {"image": out}

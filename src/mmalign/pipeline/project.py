@@ -86,5 +86,5 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         on_log=on_log,
         **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
             features_dir / "fingerprint.json")["files"]))
-    write_history(history, plots_dir, tracker)
+    write_history(history, plots_dir, tracker, "project")
     return history
