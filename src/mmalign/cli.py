@@ -69,6 +69,14 @@ dim_option = click.option("--dim", type=click.IntRange(min=1), default=None,
                                "One of the trained sizes (the checkpoint's mrl_dims); default: the full d_align.")
 
 
+def embedding_options(command):
+    """The options embed and search share: batch size, which checkpoint, where it runs, bad-image policy."""
+    for option in reversed((click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+                            aligner_option, model_option, device_option, strict_option)):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mmalign")
 def mmalign() -> None:
@@ -164,11 +172,7 @@ def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: st
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="out.npy (float32 array, one row per input, in input order) or out.parquet "
                    "(columns image or text, and embedding).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@aligner_option
-@model_option
-@device_option
-@strict_option
+@embedding_options
 def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...], dim: int | None, output: Path,
           batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
     """Embed images or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
@@ -220,11 +224,7 @@ def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="results.csv or results.jsonl (columns rank, score, image). Default: stdout, "
                    "one 'SCORE<TAB>IMAGE' line per result, best first.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@aligner_option
-@model_option
-@device_option
-@strict_option
+@embedding_options
 def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, output: Path | None,
            batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
     """Rank the images under --images by how well they match the text QUERY (cosine similarity).

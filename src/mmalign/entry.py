@@ -46,6 +46,7 @@ def process_env() -> None:
     if not sys.stderr.isatty():
         for var in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(var, "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def run_entry(command: Callable[..., Any], name: str, argv: list[str] | None = None) -> None:
