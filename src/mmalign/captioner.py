@@ -3,6 +3,8 @@ requirements) and the model class `mlflow models serve` answers with."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import tempfile
@@ -42,51 +44,55 @@ class BadInput(MlflowException):
         pass  # the scoring server's rewrite, see the class docstring
 
 
-class CaptionerModel(mlflow.pyfunc.PythonModel):
-    """Images -> captions with a trained aligner + projector + LLM (`mlflow models serve` answers with it).
+# MLflow warns (in ANSI colours, through a "once" filter of its own that no filter of ours precedes) when a
+# PythonModel subclass's predict has no type hints; this one has none on purpose: the logged signature is
+# its schema. The class statement's stderr is dropped, and nothing else runs in it.
+with contextlib.redirect_stderr(io.StringIO()):
 
-    Artifacts: `aligner`, `projector` (checkpoint dirs), `llm`, `vision` (model dirs in HF format; a model
-    trained from a hub id is referenced by that id in model_config instead of copied).
-    Input: a DataFrame with column `image` (encoded image bytes, or the same as a base64 string; a
-    served model receives JSON, where binary columns are base64) and optional `prompt` (empty: the
-    prompt the projector was trained with). Param `max_new_tokens`. Output: a DataFrame, column `caption`.
-    Served, it answers the `dataframe_split`, `dataframe_records`, `inputs` and `instances` payloads; an
-    unreadable image is a 400 whose message is one line naming the row.
-    """
+    class CaptionerModel(mlflow.pyfunc.PythonModel):
+        """Images -> captions with a trained aligner + projector + LLM (`mlflow models serve` answers with it).
 
-    def load_context(self, context: Any) -> None:
-        from .inference import load_captioner
+        Artifacts: `aligner`, `projector` (checkpoint dirs), `llm`, `vision` (model dirs in HF format; a model
+        trained from a hub id is referenced by that id in model_config instead of copied).
+        Input: a DataFrame with column `image` (encoded image bytes, or the same as a base64 string; a
+        served model receives JSON, where binary columns are base64) and optional `prompt` (empty: the
+        prompt the projector was trained with). Param `max_new_tokens`. Output: a DataFrame, column `caption`.
+        Served, it answers the `dataframe_split`, `dataframe_records`, `inputs` and `instances` payloads; an
+        unreadable image is a 400 whose message is one line naming the row.
+        """
 
-        a, config = context.artifacts, context.model_config or {}
-        self.model = load_captioner(a["aligner"], a["projector"], llm=a.get("llm") or config["llm"],
-                                    vision=a.get("vision") or config["vision"])
-        self.max_new_tokens = int(config.get("max_new_tokens", 48))
-        self.batch_size = int(config.get("batch_size", 16))
+        def load_context(self, context: Any) -> None:
+            from .inference import load_captioner
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        import pandas as pd
+            a, config = context.artifacts, context.model_config or {}
+            self.model = load_captioner(a["aligner"], a["projector"], llm=a.get("llm") or config["llm"],
+                                        vision=a.get("vision") or config["vision"])
+            self.max_new_tokens = int(config.get("max_new_tokens", 48))
+            self.batch_size = int(config.get("batch_size", 16))
 
-        from .inference import InputError, decode_image
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
+            import pandas as pd
 
-        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "image" not in df.columns:
-            raise BadInput(f"the input needs a column 'image' (image bytes or base64); got {list(df.columns)}")
-        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
-        try:
-            images = [decode_image(v, f"row {i}, column image") for i, v in enumerate(df["image"])]
-        except InputError as e:
-            raise BadInput(str(e)) from None
-        given = df["prompt"] if "prompt" in df.columns else [None] * len(df)
-        prompts = [p if isinstance(p, str) and p else self.model.cfg.prompt for p in given]
-        captions = [""] * len(df)
-        for prompt in dict.fromkeys(prompts):  # one batched generate per distinct prompt
-            rows = [i for i, p in enumerate(prompts) if p == prompt]
-            out = self.model.generate([images[i] for i in rows], prompt=prompt, max_new_tokens=max_new_tokens,
-                                      batch_size=self.batch_size)
-            for i, caption in zip(rows, out):
-                captions[i] = caption
-        return pd.DataFrame({"caption": captions})
+            from .inference import InputError, decode_image
 
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            if "image" not in df.columns:
+                raise BadInput(f"the input needs a column 'image' (image bytes or base64); got {list(df.columns)}")
+            max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+            try:
+                images = [decode_image(v, f"row {i}, column image") for i, v in enumerate(df["image"])]
+            except InputError as e:
+                raise BadInput(str(e)) from None
+            given = df["prompt"] if "prompt" in df.columns else [None] * len(df)
+            prompts = [p if isinstance(p, str) and p else self.model.cfg.prompt for p in given]
+            captions = [""] * len(df)
+            for prompt in dict.fromkeys(prompts):  # one batched generate per distinct prompt
+                rows = [i for i, p in enumerate(prompts) if p == prompt]
+                out = self.model.generate([images[i] for i in rows], prompt=prompt, max_new_tokens=max_new_tokens,
+                                          batch_size=self.batch_size)
+                for i, caption in zip(rows, out):
+                    captions[i] = caption
+            return pd.DataFrame({"caption": captions})
 
 
 # MLflow "models from code": the model is this script (saved with it), so loading unpickles nothing.
