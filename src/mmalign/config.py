@@ -368,13 +368,6 @@ class EvaluateConfig:
     blind_prefix: Literal["mean", "zero"] = "mean"  # what the blind captioner gets instead of an image
     gallery_size: NonNegativeInt = 12
     captioning: Bool = True  # False skips Phase 2 metrics (retrieval only)
-    register_name: Str | None = "mmalign-captioner"  # register the captioner in MLflow under this name; null: don't
-
-    @model_validator(mode="after")
-    def _name(self) -> EvaluateConfig:
-        if self.register_name is not None and not self.register_name.strip():
-            fail("register_name", self.register_name, "a model name, or null to not register")
-        return self
 
 
 @config("tracking")
