@@ -32,9 +32,8 @@ def main(params_path: str, aligner: Path, features: Path, align_plots: Path, pro
     # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
         evaluate.run(cfg, aligner, features, align_plots, out, tracker, projector, dataset, project_plots)
-        if cfg.captioning and cfg.register_name and projector is not None:
-            log_captioner(tracker, aligner, projector, registered_name=cfg.register_name,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        if cfg.captioning and projector is not None:  # logged, not registered: registering is its own command
+            log_captioner(tracker, aligner, projector, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     (table,) = client.list_artifacts(pr.info.run_id, "watch_captions")
     rows = json.loads(open(client.download_artifacts(pr.info.run_id, table.path, str(d))).read())["data"]
     assert len(rows) == 16 and all(isinstance(r[2], str) for r in rows)
-    assert client.get_registered_model("mmalign-captioner").latest_versions  # the served captioner
+    assert not client.search_registered_models()  # evaluate logs the captioner; registering is a choice
     for run in runs:  # nothing from the environment is logged
         assert not any("s3cr3t" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
     # Weights are safetensors only: nothing that would be unpickled on load.
