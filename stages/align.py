@@ -11,7 +11,6 @@ from mmalign.entry import run_entry
 from mmalign.params import align_config, load_params, preflight, setup_logging, tracking_config
 from mmalign.pipeline import align
 from mmalign.tracking import stage_run
-from mmalign.utils import get_device
 
 
 @click.command()
@@ -27,7 +26,6 @@ def main(params_path: str, features: Path, out: Path, plots: Path, state: Path |
     params = load_params(params_path)
     preflight(params)
     cfg, tracking = align_config(params), tracking_config(params)
-    cfg.device = get_device()
     with stage_run("align", tracking.experiment, tracking.required, {"align": params.get("align", {})},
                    params) as tracker:
         align.run(cfg, features, out, plots, tracker, state)

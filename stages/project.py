@@ -32,10 +32,10 @@ def main(params_path: str, llm_dir: Path, aligner: Path, features: Path, dataset
     params = load_params(params_path)
     preflight(params)
     models, tracking = models_config(params), tracking_config(params)
-    llm_cfg, train_cfg = project_config(params, read_json(llm_dir / "models.json")["llm"], models.trust_remote_code)
+    cfg = project_config(params, read_json(llm_dir / "models.json")["llm"], models.trust_remote_code)
     with stage_run("project", tracking.experiment, tracking.required, {"project": params.get("project", {})},
                    params) as tracker:
-        project.run(llm_cfg, train_cfg, aligner, features, dataset, out, plots, tracker, state)
+        project.run(cfg, aligner, features, dataset, out, plots, tracker, state)
 
 
 if __name__ == "__main__":

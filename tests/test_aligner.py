@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from mmalign.aligner import VisionTextAligner
-from mmalign.config import AlignmentConfig
+from mmalign.config import ACTIVATIONS, AlignerConfig, AlignmentConfig, AlignTrainConfig, fields_of
 from mmalign.data.dataset import FeaturePairBatches, ImageTextDataset, create_dataloader
 from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
 from mmalign.hub import MINILM_ID
@@ -123,6 +124,30 @@ def test_save_load_round_trip_keeps_only_trainable_tensors(model, tmp_path):
         for a, b in zip(model(vf, tf), loaded(vf, tf)):
             assert torch.equal(a, b)
     assert torch.equal(model.logit_scale, loaded.logit_scale)
+
+
+def test_checkpoint_config_is_the_model_not_its_training(tmp_path):
+    """config.json holds the AlignerConfig only; one written before (with the training params) still loads."""
+    model = _feature_model(lr=0.5, clip_weight=2.0)
+    model.save_pretrained(tmp_path / "new")
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert set(cfg) == set(fields_of(AlignerConfig)) and "lr" not in cfg and "device" not in cfg
+    old = tmp_path / "old"
+    model.save_pretrained(old)
+    (old / "config.json").write_text(json.dumps({**cfg, **dataclasses.asdict(AlignTrainConfig(lr=0.5))}))
+    loaded = VisionTextAligner.from_pretrained(old)
+    assert type(loaded.cfg) is AlignerConfig and loaded.cfg.d_align == 16
+    (old / "config.json").write_text(json.dumps({**cfg, "d_algin": 16}))  # anything else is still refused
+    with pytest.raises(ValueError, match=r"unknown key '.*config\.json\.d_algin' \(did you mean 'd_align'\?\)"):
+        VisionTextAligner.from_pretrained(old)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_device_is_an_argument_and_every_activation_builds(activation):
+    model = VisionTextAligner(AlignerConfig(vision_dim=6, text_dim=5, d_align=8, mrl_dims=[8], activation=activation),
+                              device="cpu")
+    assert model.log_logit_scale.device.type == "cpu" and not hasattr(model.cfg, "device")
+    assert model(torch.randn(2, 6), torch.randn(2, 5))[0].shape == (2, 8)
 
 
 def test_truncated_checkpoint_raises_naming_the_file(tmp_path):

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mmalign.config import (AlignmentConfig, LLMConfig, PrepareConfig, ProjectTrainConfig, from_dict,
-                            load_project)
-from mmalign.params import align_config, load_params, validate_all
+from mmalign.config import (AlignerConfig, AlignmentConfig, AlignTrainConfig, LLMConfig, PrepareConfig,
+                            ProjectConfig, ProjectTrainConfig, TrainingConfig, from_dict, part)
+from mmalign.params import align_config, load_params, project_config, validate_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _align(**kw) -> AlignmentConfig:
     return from_dict(AlignmentConfig, kw)
+
+
+def load_project(section: dict, model_name: str = "some/model") -> ProjectConfig:
+    return project_config({"project": section}, model_name)
 
 
 def test_repo_params_yaml_validates_cleanly():
@@ -130,12 +135,16 @@ def test_project_section_errors_name_the_key(section, key):
         load_project(section, "some/model")
 
 
-def test_project_section_splits_model_and_training_fields():
-    llm, train = load_project({"k": 3, "lr": 0.01, "lora": {"r": 4}}, "some/model")
-    assert isinstance(llm, LLMConfig) and isinstance(train, ProjectTrainConfig)
-    assert llm.k == 3 and llm.lora.r == 4 and llm.model_name == "some/model" and train.lr == 0.01
+def test_project_section_is_the_model_and_its_training():
+    cfg = load_project({"k": 3, "lr": 0.01, "lora": {"r": 4}})
+    assert isinstance(cfg, LLMConfig) and isinstance(cfg, ProjectTrainConfig)
+    llm = part(cfg, LLMConfig)
+    assert type(llm) is LLMConfig and llm.k == 3 and llm.lora.r == 4 and llm.model_name == "some/model"
+    assert cfg.lr == 0.01
     with pytest.raises(ValueError, match=r"project\.kk.*did you mean 'k'"):
-        load_project({"kk": 3}, "some/model")
+        load_project({"kk": 3})
+    with pytest.raises(ValueError, match=r"unknown key 'project\.model_name'"):  # the llm stage names the LLM
+        load_project({"model_name": "x"})
 
 
 def test_validate_all_catches_an_error_in_any_section():
@@ -162,3 +171,57 @@ def test_captioning_without_a_projector_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"evaluate\.captioning is true but no projector.*captioning: false"):
         evaluate.run(EvaluateConfig(), tmp_path, tmp_path, tmp_path, tmp_path, tracker=None)
+
+
+@pytest.mark.parametrize("text,want", [("3e-4", 3e-4), ("1e9", 1e9), ("1.0e+9", 1e9)])
+def test_numbers_as_users_write_them_parse_from_params_yaml(tmp_path, text, want):
+    """YAML 1.1 (PyYAML) reads `3e-4` and `1e9` as strings; they are floats all the same."""
+    params = load_params(ROOT / "params.yaml")
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params).replace("lr: 0.001\n", f"lr: {text}\n", 1)
+                 .replace("lr: 0.005\n", f"lr: {text}\n", 1))
+    loaded = load_params(p)
+    assert isinstance(loaded["align"]["lr"], str) or text == "1.0e+9"  # what PyYAML hands over
+    validate_all(loaded)
+    assert align_config(loaded).lr == want and project_config(loaded).lr == want
+
+
+@pytest.mark.parametrize("cls,section", [(AlignmentConfig, "align"), (ProjectTrainConfig, "project")])
+def test_a_bool_is_not_a_number(cls, section):
+    for key in ("batch_size", "lr"):
+        with pytest.raises(ValueError, match=rf"^{section}\.{key}=True is invalid: expected"):
+            cls(**{key: True})
+
+
+def _present(values: dict, like: dict) -> dict:
+    """`values` restricted to the keys of `like`, nested mappings too."""
+    return {k: _present(v, like[k]) if isinstance(v, dict) else v for k, v in values.items() if k in like}
+
+
+def test_defaults_are_params_yaml():
+    """A config built in Python (the Quick Start, a test) trains as `dvc repro` does on the defaults."""
+    from mmalign.config import EvaluateConfig, ModelsConfig, TrackingConfig
+
+    params = load_params(ROOT / "params.yaml")
+    defaults = {"models": ModelsConfig(), "prepare": PrepareConfig(), "align": AlignmentConfig(),
+                "project": ProjectConfig(), "evaluate": EvaluateConfig(), "tracking": TrackingConfig()}
+    for section, cfg in defaults.items():
+        assert _present(dataclasses.asdict(cfg), params[section]) == params[section], section
+
+
+def test_training_fields_are_declared_once_and_shared():
+    shared = [f.name for f in dataclasses.fields(TrainingConfig)]
+    assert len(shared) == 10
+    for cls in (AlignTrainConfig, ProjectTrainConfig, AlignmentConfig, ProjectConfig):
+        assert issubclass(cls, TrainingConfig) and set(shared) <= {f.name for f in dataclasses.fields(cls)}
+    model = {f.name for f in dataclasses.fields(AlignerConfig)} | {f.name for f in dataclasses.fields(LLMConfig)}
+    assert not model & set(shared) and "device" not in model
+
+
+def test_importing_config_loads_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, mmalign.config, mmalign.params; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -6,6 +6,7 @@ Everything runs on the session's tiny local models (conftest): a 32-wide CLIP vi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mmalign.aligner import VisionTextAligner
-from mmalign.config import AlignmentConfig, LLMConfig, LoRAConfig, ProjectTrainConfig
+from mmalign.config import AlignmentConfig, LLMConfig, LoRAConfig, ProjectConfig, ProjectTrainConfig, fields_of, part
 from mmalign.data.dataset import CaptionBatches
 from mmalign.llm import MultimodalLLM, VisionToLLMProjector
 from mmalign.train import caption_loss_fn, fit, mean_caption_loss, train_projector
@@ -382,6 +383,14 @@ def test_save_and_load_round_trip(tiny_llm_dir, aligner, tiny_data, tmp_path, lo
         loaded.eval()
         assert torch.equal(loaded(feats, caps)[1], model(feats, caps)[1])
     assert got == expected
+
+
+def test_checkpoint_config_is_the_llm_config(tiny_llm_dir, aligner, tmp_path):
+    """Built from the project section (model + training), the checkpoint keeps the LLMConfig only."""
+    cfg = ProjectConfig(model_name=str(tiny_llm_dir), k=2, projector_hidden=16, lr=0.5, num_epochs=2)
+    MultimodalLLM(aligner, cfg).save_pretrained(tmp_path / "ckpt")
+    assert set(json.loads((tmp_path / "ckpt" / "config.json").read_text())) == set(fields_of(LLMConfig))
+    assert MultimodalLLM.from_pretrained(tmp_path / "ckpt", aligner).cfg == part(cfg, LLMConfig)
 
 
 # -- seed Quick Start ------------------------------------------------------------------------------

@@ -155,5 +155,6 @@ def test_chat_template_is_chatml(captions, tmp_path):
     ],
 )
 def test_invalid_spec_names_the_field(field, overrides):
-    with pytest.raises(ValueError, match=f"TinyLLMSpec.{field}"):
+    """The params dialect: one line naming the full key, as every other section."""
+    with pytest.raises(ValueError, match=rf"^prepare\.tiny_llm\.{field}=\S+ is invalid: "):
         TinyLLMSpec(**overrides)

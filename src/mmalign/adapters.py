@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+from .config import ACTIVATIONS, Activation
 
 
 class MLPAdapter(nn.Module):
@@ -16,14 +16,14 @@ class MLPAdapter(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 1024, depth: int = 2,
-                 dropout: float = 0.1, activation: str = "gelu"):
+                 dropout: float = 0.1, activation: Activation = "gelu"):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
         layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < depth - 1:
-                layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
+                layers += [getattr(nn, ACTIVATIONS[activation])(), nn.Dropout(dropout)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from .adapters import MLPAdapter
-from .config import AlignmentConfig, from_dict
+from .config import AlignerConfig, AlignTrainConfig, fields_of, from_dict, part
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
 from .utils import load_checkpoint, save_checkpoint
 
@@ -22,11 +22,14 @@ class VisionTextAligner(nn.Module):
 
     Encoders load lazily (first use) unless passed in, so training from cached features never
     loads them. `vision_dim`/`text_dim` in the config skip loading them just to learn their size.
+    `cfg`: an AlignerConfig, or the seed's AlignmentConfig (its training fields are the trainer's).
     """
 
-    def __init__(self, cfg: AlignmentConfig, vision_encoder: FrozenVisionEncoder | None = None,
-                 text_encoder: FrozenTextEncoder | None = None):
+    def __init__(self, cfg: AlignerConfig, vision_encoder: FrozenVisionEncoder | None = None,
+                 text_encoder: FrozenTextEncoder | None = None, device: str | torch.device | None = None):
         super().__init__()
+        if device is None:  # the seed's Quick Start sets `cfg.device = get_device()`: an attribute, not a field
+            device = getattr(cfg, "device", "cpu")
         self._vision = vision_encoder
         self._text = text_encoder
         self.cfg = cfg  # the lazy encoder properties below read it
@@ -38,7 +41,7 @@ class VisionTextAligner(nn.Module):
         self.text_adapter = MLPAdapter(cfg.text_dim, cfg.d_align, **kw)
         # CLIP learns log(1/temperature), initialised at ln(1/0.07) and clamped at ln(100).
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
-        self.to(cfg.device)  # the seed sets cfg.device = get_device() before building the model
+        self.to(device)
 
     # -- frozen towers -------------------------------------------------------------------
     @property
@@ -87,14 +90,16 @@ class VisionTextAligner(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("_")}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        cfg = dataclasses.asdict(self.cfg)
-        cfg.pop("device", None)
-        save_checkpoint(directory, self.trainable_state_dict(), cfg)
+        """model.safetensors + config.json: the AlignerConfig (the model, not how it was trained)."""
+        save_checkpoint(directory, self.trainable_state_dict(), dataclasses.asdict(part(self.cfg, AlignerConfig)))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "VisionTextAligner":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        **overrides) -> "VisionTextAligner":
         tensors, cfg = load_checkpoint(directory)
-        model = cls(from_dict(AlignmentConfig, {**cfg, **overrides}, f"{directory}/config.json"))
+        stale = set(fields_of(AlignTrainConfig))  # older checkpoints also wrote the training params
+        cfg = {k: v for k, v in {**cfg, **overrides}.items() if k not in stale}
+        model = cls(from_dict(AlignerConfig, cfg, f"{directory}/config.json"), device=device)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("_")]
         if missing or unexpected:

@@ -16,7 +16,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TinyCLIPConfig
+from .config import VISION_POOLINGS, TinyCLIPConfig, VisionPooling
 from .hub import hub_unreachable, local_files_only, offline_flag, resolve_text_model
 from .utils import atomic_path
 
@@ -117,7 +117,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-POOLINGS = ("cls", "mean", "grid")
 VISION_TOWERS = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
@@ -132,12 +131,12 @@ class FrozenVisionEncoder(nn.Module):
     default uses "grid" (README has the measured difference).
     """
 
-    def __init__(self, name: str, trust_remote_code: bool = False, pooling: str = "cls", grid: int = 4):
+    def __init__(self, name: str, trust_remote_code: bool = False, pooling: VisionPooling = "cls", grid: int = 4):
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
-        if pooling not in POOLINGS:
-            raise ValueError(f"vision pooling={pooling!r}: allowed: {', '.join(POOLINGS)}")
+        if pooling not in VISION_POOLINGS:
+            raise ValueError(f"vision pooling={pooling!r}: allowed: {', '.join(VISION_POOLINGS)}")
         self.name, self.pooling, self.grid = name, pooling, grid
         kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only(name)}
         try:

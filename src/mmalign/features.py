@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
-from .utils import atomic_path, prefetch, progress, read_json
+from .utils import DTYPES, atomic_path, prefetch, progress, read_json
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenT
     if cache_is_valid(out_dir, expected):
         log.info("feature cache %s is up to date; not re-encoding", out_dir)
         return read_json(out_dir / "fingerprint.json")
-    stored = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    stored = DTYPES[dtype]
     cast = lambda t: {k: v.to(stored) if k != "text_to_image" else v for k, v in t.items()}  # noqa: E731
     meta = {**expected, "vision_dim": vision.dim, "text_dim": text.dim}
     rank, world = distributed.rank(), distributed.world_size()

@@ -217,10 +217,10 @@ def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vis
     encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with;
     `dim`, if given, is checked against the checkpoint before any encoder loads."""
     d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
-    overrides = {"device": device, **_exported_names(d, ("vision_model_name", "text_model_name")),
+    overrides = {**_exported_names(d, ("vision_model_name", "text_model_name")),
                  **({"vision_model_name": str(vision)} if vision else {})}
     try:
-        model = VisionTextAligner.from_pretrained(d, **overrides).eval()
+        model = VisionTextAligner.from_pretrained(d, device=device, **overrides).eval()
         check_dim(model, dim)
         for tower in need:
             getattr(model, f"{tower}_encoder")

@@ -18,7 +18,7 @@ from torch import nn
 
 from .aligner import VisionTextAligner
 from .caption_loss import linear_cross_entropy
-from .config import LLMConfig, LoRAConfig, from_dict
+from .config import LLMConfig, from_dict, part
 from .encoders import LOAD_ERRORS, freeze, model_load_error
 from .hub import local_files_only
 from .utils import DTYPES, load_checkpoint, save_checkpoint
@@ -294,14 +294,13 @@ class MultimodalLLM(nn.Module):
         return state
 
     def save_pretrained(self, directory: str | Path) -> None:
-        save_checkpoint(directory, self.trainable_state_dict(), dataclasses.asdict(self.cfg))
+        """model.safetensors + config.json: the LLMConfig (the model, not how it was trained)."""
+        save_checkpoint(directory, self.trainable_state_dict(), dataclasses.asdict(part(self.cfg, LLMConfig)))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, aligner: VisionTextAligner, **overrides: Any) -> "MultimodalLLM":
         tensors, cfg = load_checkpoint(directory)
-        cfg = {**cfg, **overrides}
-        cfg["lora"] = from_dict(LoRAConfig, cfg.get("lora"), "lora")
-        model = cls(aligner, from_dict(LLMConfig, cfg, f"{directory}/config.json"))
+        model = cls(aligner, from_dict(LLMConfig, {**cfg, **overrides}, f"{directory}/config.json"))
         model.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
         lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         if lora:

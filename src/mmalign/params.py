@@ -9,13 +9,10 @@ from typing import Any
 
 import yaml
 
-from .config import (AlignmentConfig, EvaluateConfig, ModelsConfig, PrepareConfig, TrackingConfig, check_keys,
-                     from_dict, load_project)
+from .config import (AlignmentConfig, EvaluateConfig, ModelsConfig, PrepareConfig, ProjectConfig, TrackingConfig,
+                     from_dict, unknown_key)
 
 SECTIONS = ("models", "prepare", "align", "project", "evaluate", "tracking")
-# Fields of AlignmentConfig that come from the feature cache / the machine, not from params.yaml.
-ALIGN_DERIVED = ("vision_model_name", "text_model_name", "vision_dim", "text_dim", "vision_pooling",
-                 "vision_grid", "device")
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -28,7 +25,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
-    check_keys(params, list(SECTIONS), path.name)
+    for key in params:
+        if key not in SECTIONS:
+            raise ValueError(unknown_key(path.name, key, list(SECTIONS)))
     return params
 
 
@@ -41,11 +40,17 @@ def prepare_config(params: dict[str, Any]) -> PrepareConfig:
 
 
 def align_config(params: dict[str, Any]) -> AlignmentConfig:
-    return from_dict(AlignmentConfig, params.get("align"), exclude=ALIGN_DERIVED)
+    """The align section; the encoder fields (AlignerConfig.GIVEN) are the feature cache's, set by the stage."""
+    return from_dict(AlignmentConfig, params.get("align"), exclude=AlignmentConfig.GIVEN)
 
 
-def project_config(params: dict[str, Any], model_name: str = "", trust_remote_code: bool = False):
-    return load_project(params.get("project"), model_name, trust_remote_code)
+def project_config(params: dict[str, Any], model_name: str | None = None,
+                   trust_remote_code: bool = False) -> ProjectConfig:
+    """The project section + the LLM (LLMConfig.GIVEN): `model_name` as the llm stage resolved it (None:
+    LLMConfig's default, enough to validate) and models.trust_remote_code."""
+    llm = {"model_name": model_name} if model_name is not None else {}
+    return from_dict(ProjectConfig, params.get("project"), exclude=ProjectConfig.GIVEN,
+                     trust_remote_code=trust_remote_code, **llm)
 
 
 def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
@@ -59,7 +64,7 @@ def tracking_config(params: dict[str, Any]) -> TrackingConfig:
 def validate_all(params: dict[str, Any]) -> None:
     """Check every section, so a typo anywhere fails before the first stage does any work."""
     models_config(params), prepare_config(params), align_config(params)
-    project_config(params, "unused"), evaluate_config(params), tracking_config(params)
+    project_config(params), evaluate_config(params), tracking_config(params)
 
 
 def preflight(params: dict[str, Any], data: bool = False) -> None:

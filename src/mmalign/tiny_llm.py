@@ -170,7 +170,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
     final_loss = eval_loss()
     if not math.isfinite(final_loss):
         raise RuntimeError(f"tiny LLM pretraining diverged (final loss {final_loss}); "
-                           f"lower TinyLLMSpec.lr (now {spec.lr})")
+                           f"lower prepare.tiny_llm.lr (now {spec.lr})")
     logger.info("tiny LLM loss %.4f -> %.4f", initial_loss, final_loss)
 
     _save_atomic(model.eval(), tok, out_dir)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .config import AlignTrainConfig, TrainingConfig
 from .losses import alignment_loss
 from .train_state import load_state, restore, save_state
 from .utils import progress as progress_bar
@@ -172,9 +173,15 @@ def fit(
     return history
 
 
-def alignment_loss_fn(model: nn.Module) -> LossFn:
+def schedule(cfg: TrainingConfig) -> dict[str, Any]:
+    """fit()'s optimisation kwargs from a phase's training config."""
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "num_epochs": cfg.num_epochs,
+            "warmup_ratio": cfg.warmup_ratio, "grad_clip": cfg.grad_clip, "mixed_precision": cfg.mixed_precision}
+
+
+def alignment_loss_fn(model: nn.Module, cfg: AlignTrainConfig) -> LossFn:
     """Loss on a batch of cached features, or of raw images + texts (the seed's design)."""
-    cfg = model.cfg
+    dims = model.cfg.mrl_dims
 
     def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "vision_features" in batch:
@@ -185,21 +192,23 @@ def alignment_loss_fn(model: nn.Module) -> LossFn:
             raise ValueError("multi-process training runs from the feature cache (batches of vision/text features)")
         # Negatives from every rank (open_clip's gather_features); the loss itself in float32.
         z_v, z_t = distributed.gather_with_grad(z_v.float()), distributed.gather_with_grad(z_t.float())
-        return alignment_loss(z_v, z_t, model.logit_scale.float(), cfg.mrl_dims, cfg.mrl_weights,
+        return alignment_loss(z_v, z_t, model.logit_scale.float(), dims, cfg.mrl_weights,
                               cfg.clip_weight, cfg.mrl_weight)
     return loss_fn
 
 
 def train_alignment(model: nn.Module, train_loader: Iterable[dict[str, Any]], num_epochs: int | None = None,
-                    **kwargs: Any) -> dict[str, Any]:
+                    cfg: AlignTrainConfig | None = None, **kwargs: Any) -> dict[str, Any]:
     """Phase 1: train the adapters (and temperature) of a VisionTextAligner. Seed Quick Start API.
 
-    Optimiser settings come from `model.cfg`; `kwargs` go to `fit` (evaluate, monitor, save_best, on_log...).
+    Training settings: `cfg`, else the model's own config when it is the seed's AlignmentConfig, else
+    AlignTrainConfig's defaults. `kwargs` go to `fit` (evaluate, monitor, save_best, on_log...).
     """
-    cfg = model.cfg
-    return fit(model, alignment_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               num_epochs=num_epochs or cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-               after_step=model.clamp_logit_scale_, desc="align", mixed_precision=cfg.mixed_precision, **kwargs)
+    if cfg is None:
+        cfg = model.cfg if isinstance(model.cfg, AlignTrainConfig) else AlignTrainConfig()
+    options = {**schedule(cfg), "num_epochs": num_epochs or cfg.num_epochs}
+    return fit(model, alignment_loss_fn(model, cfg), train_loader, **options, after_step=model.clamp_logit_scale_,
+               desc="align", **kwargs)
 
 
 def caption_loss_fn(model: nn.Module) -> LossFn:
@@ -224,8 +233,7 @@ def mean_caption_loss(model: nn.Module, loader: Iterable[dict[str, Any]]) -> flo
     return total / max(1, count)
 
 
-def train_projector(model: nn.Module, train_loader: Iterable[dict[str, Any]], cfg: Any, **kwargs: Any) -> dict[str, Any]:
-    """Phase 2: train the projector (and LoRA) of a MultimodalLLM. `cfg`: ProjectTrainConfig."""
-    return fit(model, caption_loss_fn(model), train_loader, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               num_epochs=cfg.num_epochs, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-               desc="project", mixed_precision=cfg.mixed_precision, **kwargs)
+def train_projector(model: nn.Module, train_loader: Iterable[dict[str, Any]], cfg: TrainingConfig,
+                    **kwargs: Any) -> dict[str, Any]:
+    """Phase 2: train the projector (and LoRA) of a MultimodalLLM. `cfg`: a ProjectTrainConfig (ProjectConfig)."""
+    return fit(model, caption_loss_fn(model), train_loader, **schedule(cfg), desc="project", **kwargs)

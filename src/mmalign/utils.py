@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import config
+
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"  # beside model.safetensors: {"model.safetensors": sha256 hex}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # "bfloat16" -> torch.bfloat16
 
 
 class LogProgress:

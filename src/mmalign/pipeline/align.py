@@ -11,12 +11,12 @@ import torch
 
 from .. import distributed
 from ..aligner import VisionTextAligner
-from ..config import AlignmentConfig
+from ..config import AlignerConfig, AlignmentConfig, part
 from ..data.dataset import FeaturePairBatches
 from ..features import Features, load_features
 from ..metrics import retrieval_metrics
 from ..train import train_alignment
-from ..utils import read_json, set_seed
+from ..utils import get_device, read_json, set_seed
 from .common import state_options, write_history
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,12 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
     train, val = load_features(features_dir, "train", stream=True), load_features(features_dir, "val", stream=True)
     cfg = clamp_batch_size(cfg, train.num_images, distributed.world_size())
     set_seed(cfg.seed)
-    model = VisionTextAligner(cfg).to(cfg.device)
+    model = VisionTextAligner(part(cfg, AlignerConfig), device=get_device())
     loader = FeaturePairBatches(train.vision, train.text, train.text_to_image, cfg.batch_size, seed=cfg.seed)
     log.info("align: %d train images, %d val images, %d steps/epoch of %d (%d processes)", train.num_images,
              val.num_images, len(loader), cfg.batch_size, distributed.world_size())
     history = train_alignment(
-        model, loader, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R1",
+        model, loader, cfg=cfg, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R1",
         save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir), on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, fp["files"]))
     write_history(history, plots_dir, tracker, "align")

@@ -51,7 +51,6 @@ def state_options(cfg: Any, state_dir: Path | None, *inputs: Any) -> dict[str, A
     """
     if state_dir is None or cfg.resume == "never":
         return {}
-    blob = json.dumps([{k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, *inputs],
-                      sort_keys=True, default=str)
+    blob = json.dumps([dataclasses.asdict(cfg), *inputs], sort_keys=True, default=str)
     return {"state_dir": state_dir, "state_every": cfg.state_every,
             "fingerprint": hashlib.sha256(blob.encode()).hexdigest()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -13,7 +12,7 @@ import torch
 
 from .. import distributed
 from ..aligner import VisionTextAligner
-from ..config import LLMConfig, ProjectTrainConfig
+from ..config import LLMConfig, ProjectConfig, part
 from ..data.dataset import CaptionBatches
 from ..features import load_features, sha256
 from ..llm import MultimodalLLM
@@ -58,11 +57,12 @@ def caption_watch(model: MultimodalLLM, vision: torch.Tensor, ids: list[str], re
     return watch, on_log
 
 
-def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features_dir: Path, dataset_dir: Path,
-        out_dir: Path, plots_dir: Path, tracker: Any, state_dir: Path | None = None) -> dict[str, Any]:
+def run(cfg: ProjectConfig, aligner_dir: Path, features_dir: Path, dataset_dir: Path, out_dir: Path, plots_dir: Path,
+        tracker: Any, state_dir: Path | None = None) -> dict[str, Any]:
     import datasets
 
     set_seed(cfg.seed)
+    llm_cfg = part(cfg, LLMConfig)
     model = MultimodalLLM(VisionTextAligner.from_pretrained(aligner_dir), llm_cfg).to(get_device())
     ds = datasets.load_from_disk(str(dataset_dir))
     loaders = {}
@@ -84,7 +84,7 @@ def run(llm_cfg: LLMConfig, cfg: ProjectTrainConfig, aligner_dir: Path, features
         model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"]), **watch()},
         monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir),
         on_log=on_log,
-        **state_options(cfg, state_dir, dataclasses.asdict(llm_cfg), sha256(aligner_dir / "model.safetensors"), read_json(
-            features_dir / "fingerprint.json")["files"]))
+        **state_options(cfg, state_dir, sha256(aligner_dir / "model.safetensors"),
+                        read_json(features_dir / "fingerprint.json")["files"]))
     write_history(history, plots_dir, tracker, "project")
     return history
