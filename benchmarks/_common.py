@@ -29,7 +29,7 @@ def default_params() -> dict[str, Any]:
 def build_default_clip(out_dir: Path) -> Path:
     """The default `builtin:tiny-clip` (TinyCLIPConfig() at the default image size)."""
     from mmalign.config import TinyCLIPConfig
-    from mmalign.encoders import build_tiny_clip
+    from mmalign.standins.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(out_dir / "tiny-clip", TinyCLIPConfig(), default_params()["prepare"]["image_size"])
 

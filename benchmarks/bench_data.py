@@ -82,7 +82,7 @@ def disk_ratio(work: Path, photo_like: bool) -> tuple[int, int, dict]:
 def fp16_cost(work: Path) -> dict:
     from safetensors.torch import load_file
 
-    from mmalign.features import write_feature_cache
+    from mmalign.data.features import write_feature_cache
     from mmalign.utils import read_json
 
     params = default_params()

@@ -1,6 +1,6 @@
 """Benchmark 2: feature extraction, end to end vs the bare vision forward.
 
-B (end to end): mmalign.features.encode_images, as `prepare` runs it, on a `datasets.Dataset` read
+B (end to end): mmalign.data.features.encode_images, as `prepare` runs it, on a `datasets.Dataset` read
 back from disk (PNG decode + CLIP preprocessing in the DataLoader, the next batch prepared in a
 thread while the encoder runs the current one, forward, pooling), plus writing the features with
 safetensors. A: the same FrozenVisionEncoder on pixel tensors stacked beforehand. Target: B/A >= 0.85.
@@ -30,8 +30,8 @@ def run() -> dict:
     from safetensors.torch import save_file
 
     from mmalign.data.synthetic import generate_synthetic
-    from mmalign.encoders import FrozenVisionEncoder
-    from mmalign.features import encode_images
+    from mmalign.models.encoders import FrozenVisionEncoder
+    from mmalign.data.features import encode_images
 
     prep = default_params()["prepare"]
     bs = prep["batch_size"]

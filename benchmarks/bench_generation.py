@@ -25,11 +25,11 @@ def run() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from mmalign.aligner import VisionTextAligner
+    from mmalign.models.aligner import VisionTextAligner
     from mmalign.config import AlignmentConfig, LLMConfig
     from mmalign.data.synthetic import generate_synthetic
-    from mmalign.llm import MultimodalLLM
-    from mmalign.tiny_llm import TinyLLMSpec, build_tiny_llm, caption_documents
+    from mmalign.models.llm import MultimodalLLM
+    from mmalign.standins.tiny_llm import TinyLLMSpec, build_tiny_llm, caption_documents
 
     p = default_params()
     proj, align, max_new = p["project"], p["align"], p["evaluate"]["max_new_tokens"]

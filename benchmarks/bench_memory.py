@@ -23,7 +23,7 @@ import yaml
 
 from _common import ROOT, Row, default_params, print_rows, timed
 
-from mmalign.features import write_feature_cache
+from mmalign.data.features import write_feature_cache
 
 EPOCHS = 2
 

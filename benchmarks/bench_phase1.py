@@ -24,13 +24,13 @@ def run() -> dict:
     import datasets
     import torch
 
-    from mmalign.aligner import VisionTextAligner
+    from mmalign.models.aligner import VisionTextAligner
     from mmalign.config import AlignmentConfig
     from mmalign.data.dataset import FeaturePairBatches, ImageTextDataset, create_dataloader
     from mmalign.data.synthetic import generate_synthetic
-    from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
-    from mmalign.features import encode_split
-    from mmalign.train import train_alignment
+    from mmalign.models.encoders import FrozenTextEncoder, FrozenVisionEncoder
+    from mmalign.data.features import encode_split
+    from mmalign.training.train import train_alignment
 
     p = default_params()
     prep, align = p["prepare"], dict(p["align"])

@@ -58,11 +58,11 @@ def build(layers: int, shape: dict | None = None, batch: int = BATCH, device: st
     import torch.nn.functional as F
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mmalign.aligner import VisionTextAligner
+    from mmalign.models.aligner import VisionTextAligner
     from mmalign.config import AlignmentConfig, LLMConfig
     from mmalign.data.synthetic import generate_synthetic
-    from mmalign.llm import MultimodalLLM
-    from mmalign.tiny_llm import build_tokenizer
+    from mmalign.models.llm import MultimodalLLM
+    from mmalign.standins.tiny_llm import build_tokenizer
 
     texts = [c for r in generate_synthetic(0, 300, 0, 0, captions_per_image=3)["train"] for c in r["captions"]]
     shape = {**(shape or QWEN25_05B), "num_hidden_layers": layers}

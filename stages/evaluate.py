@@ -23,7 +23,7 @@ def main(params_path: str, aligner: Path, features: Path, projector: Path | None
     params = load_params(params_path)
     preflight(params)  # before the heavy imports: a bad id fails in about a second
     from mmalign.pipeline import evaluate
-    from mmalign.captioner import log_captioner
+    from mmalign.serving.captioner import log_captioner
     from mmalign.tracking import log_prepared_dataset, stage_run
 
     cfg, tracking = evaluate_config(params), tracking_config(params)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mmalign import distributed
+from mmalign.training import distributed
 from mmalign.entry import run_entry
 from mmalign.params import load_params, models_config, prepare_config, preflight, setup_logging, tracking_config
 from mmalign.pipeline import prepare

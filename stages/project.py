@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mmalign import distributed
+from mmalign.training import distributed
 from mmalign.entry import run_entry
 from mmalign.params import load_params, models_config, preflight, project_config, setup_logging, tracking_config
 from mmalign.pipeline import project

@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 
 from mmalign.config import TinyCLIPConfig  # noqa: E402
 from mmalign.data.synthetic import generate_synthetic  # noqa: E402
-from mmalign.encoders import build_tiny_clip  # noqa: E402
-from mmalign.tiny_llm import TinyLLMSpec, build_tiny_llm, caption_documents  # noqa: E402
+from mmalign.standins.tiny_clip import build_tiny_clip  # noqa: E402
+from mmalign.standins.tiny_llm import TinyLLMSpec, build_tiny_llm, caption_documents  # noqa: E402
 
 TINY_CLIP = TinyCLIPConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, patch_size=8)
 TINY_LLM = dict(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,

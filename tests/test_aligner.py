@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mmalign.aligner import VisionTextAligner
+from mmalign.models.aligner import VisionTextAligner
 from mmalign.config import ACTIVATIONS, AlignerConfig, AlignmentConfig, AlignTrainConfig, fields_of
 from mmalign.data.dataset import FeaturePairBatches, ImageTextDataset, create_dataloader
-from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.models.encoders import FrozenTextEncoder, FrozenVisionEncoder
 from mmalign.hub import MINILM_ID
-from mmalign.losses import alignment_loss
-from mmalign.train import train_alignment
+from mmalign.training.losses import alignment_loss
+from mmalign.training.train import train_alignment
 
 TRAINABLE_PREFIXES = ("vision_adapter.", "text_adapter.", "log_logit_scale")
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from mmalign import MultimodalLLM, VisionTextAligner
-from mmalign.captioner import example_image_png, log_captioner
+from mmalign.serving.captioner import example_image_png, log_captioner
 from mmalign.tracking import stage_run
 
 NAME = "mmalign-captioner"
@@ -171,7 +171,7 @@ def test_model_ships_its_code_and_pypi_requirements(registered):
     names = [r.split("==")[0] for r in requirements]
     assert "mmalign" not in names and {"mlflow", "torch", "transformers", "pillow"} <= set(names)
     assert all("+" not in r for r in requirements)  # no local version label (2.13.0+cpu is not on PyPI)
-    assert (local / "code/mmalign/captioner.py").is_file()
+    assert (local / "code/mmalign/serving/captioner.py").is_file()
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_model_serves_from_a_fresh_venv_with_only_its_requirements(registered, t
 
 
 def test_log_into_a_run_by_id_and_model_sources(tiny_checkpoint, tmp_path, monkeypatch):
-    from mmalign.captioner import _model_source
+    from mmalign.serving.captioner import _model_source
     from mmalign.tracking import Tracker
 
     assert log_captioner(Tracker(None), "models/aligner", "models/projector") is None  # tracking off: no-op

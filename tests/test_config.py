@@ -170,7 +170,7 @@ def test_captioning_without_a_projector_is_refused(tmp_path):
     from mmalign.pipeline import evaluate
 
     with pytest.raises(ValueError, match=r"evaluate\.captioning is true but no projector.*captioning: false"):
-        evaluate.run(EvaluateConfig(), tmp_path, tmp_path, tmp_path, tmp_path, tracker=None)
+        evaluate.run(EvaluateConfig(), tmp_path, tmp_path, tmp_path, tracker=None)
 
 
 @pytest.mark.parametrize("text,want", [("3e-4", 3e-4), ("1e9", 1e9), ("1.0e+9", 1e9)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmalign import distributed
+from mmalign.training import distributed
 from mmalign.config import AlignmentConfig
 from tests.helpers.ddp_fit import run as fit_tiny
 
@@ -59,9 +59,9 @@ def test_single_process_helpers_are_identity():
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    from mmalign.aligner import VisionTextAligner
+    from mmalign.models.aligner import VisionTextAligner
     from mmalign.data.dataset import FeaturePairBatches
-    from mmalign.train import train_alignment
+    from mmalign.training.train import train_alignment
 
     torch.manual_seed(0)
     cfg = AlignmentConfig(vision_dim=12, text_dim=10, d_align=16, hidden_dim=24, mrl_dims=[8, 16], batch_size=8,

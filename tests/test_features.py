@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-import mmalign.features as features
+import mmalign.data.features as features
 from mmalign.config import PrepareConfig
-from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from mmalign.models.encoders import FrozenTextEncoder, FrozenVisionEncoder
 from mmalign.hub import MINILM_ID
-from mmalign.features import build_feature_cache, load_features
+from mmalign.data.features import build_feature_cache, load_features
 from mmalign.pipeline.prepare import synthetic_dataset
 
 N_TRAIN, N_VAL = 5, 2

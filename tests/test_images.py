@@ -113,7 +113,7 @@ def test_image_file_values(tmp_path):
 def test_batched_pixel_values_equal_the_image_processor(kind):
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    from mmalign.encoders import batched_pixel_values
+    from mmalign.models.encoders import batched_pixel_values
 
     processor = (CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
                  if kind == "clip" else SiglipImageProcessor(size={"height": 32, "width": 32}))

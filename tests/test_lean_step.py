@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmalign.caption_loss import linear_cross_entropy
+from mmalign.training.caption_loss import linear_cross_entropy
 from mmalign.config import LoRAConfig
 from test_llm import D_VISION, caption_ids, make_aligner, make_mm
 

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mmalign.aligner import VisionTextAligner
+from mmalign.models.aligner import VisionTextAligner
 from mmalign.config import AlignmentConfig, LLMConfig, LoRAConfig, ProjectConfig, ProjectTrainConfig, fields_of, part
 from mmalign.data.dataset import CaptionBatches
-from mmalign.llm import MultimodalLLM, VisionToLLMProjector
-from mmalign.train import caption_loss_fn, fit, mean_caption_loss, train_projector
+from mmalign.models.llm import MultimodalLLM, VisionToLLMProjector
+from mmalign.training.train import caption_loss_fn, fit, mean_caption_loss, train_projector
 
 D_VISION = 32  # FrozenVisionEncoder output of the tiny CLIP with pooling "cls" (its hidden size)
 D_ALIGN = 16

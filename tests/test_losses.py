@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmalign.losses import alignment_loss, clip_loss, matryoshka_loss
+from mmalign.training.losses import alignment_loss, clip_loss, matryoshka_loss
 
 TOL = 1e-5
 

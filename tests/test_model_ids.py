@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mmalign.config import LLMConfig
-from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder, ModelLoadError
-from mmalign.llm import load_llm
+from mmalign.models.encoders import FrozenTextEncoder, FrozenVisionEncoder, ModelLoadError
+from mmalign.models.llm import load_llm
 
 MISSING = "nonexistent-org/nonexistent-model-xyz"
 KINDS = {"vision": "vision encoder", "text": "text encoder", "llm": "LLM", "dataset": "dataset"}
@@ -23,10 +23,10 @@ KINDS = {"vision": "vision encoder", "text": "text encoder", "llm": "LLM", "data
 SCRIPT = f"""
 import json, time
 from mmalign.config import LLMConfig
-from mmalign.encoders import FrozenTextEncoder, FrozenVisionEncoder, ModelLoadError
+from mmalign.models.encoders import FrozenTextEncoder, FrozenVisionEncoder, ModelLoadError
 from mmalign.config import PrepareConfig, from_dict
 from mmalign.data.sources import load_source
-from mmalign.llm import load_llm
+from mmalign.models.llm import load_llm
 out = {{}}
 for kind, load in (("vision", FrozenVisionEncoder), ("text", FrozenTextEncoder),
                    ("llm", lambda n: load_llm(LLMConfig(model_name=n))),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mmalign.encoders import FrozenVisionEncoder, ModelLoadError
+from mmalign.models.encoders import FrozenVisionEncoder, ModelLoadError
 
 MISSING = "nonexistent-org/nonexistent-model-xyz"
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_stages
 from conftest import STAGE_ARGS as ARGS
-from mmalign.aligner import VisionTextAligner
+from mmalign.models.aligner import VisionTextAligner
 from mmalign.config import AlignmentConfig
 from mmalign.data.dataset import FeaturePairBatches
-from mmalign.train import train_alignment
+from mmalign.training.train import train_alignment
 
 
 def _model_and_loader(seed: int = 0):

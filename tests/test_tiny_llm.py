@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-from mmalign.tiny_llm import BOS, EOS, IM_END, IM_START, PAD, TinyLLMSpec, build_tiny_llm, build_tokenizer
+from mmalign.standins.tiny_llm import BOS, EOS, IM_END, IM_START, PAD, TinyLLMSpec, build_tiny_llm, build_tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]

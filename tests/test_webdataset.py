@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT, STAGE_ARGS, deep_update, run_stages
 from mmalign.config import PrepareConfig, from_dict
 from mmalign.data.webdataset import iter_samples, shard_paths
-from mmalign.features import load_features
+from mmalign.data.features import load_features
 from mmalign.pipeline.prepare import user_dataset
 from test_sources import GOOD_JPEG, png
 

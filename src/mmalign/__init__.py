@@ -12,10 +12,11 @@ torch models it never uses, and each DVC stage's import closure stays the module
 import importlib
 
 _EXPORTS = {
-    "VisionTextAligner": "aligner", "AlignmentConfig": "config", "LLMConfig": "config", "LoRAConfig": "config",
-    "ImageTextDataset": "data.dataset", "create_dataloader": "data.dataset", "MultimodalLLM": "llm",
-    "VisionToLLMProjector": "llm", "train_alignment": "train", "train_projector": "train",
-    "get_device": "utils", "set_seed": "utils", "from_pretrained": "inference", "export_model": "export",
+    "VisionTextAligner": "models.aligner", "AlignmentConfig": "config", "LLMConfig": "config", "LoRAConfig": "config",
+    "ImageTextDataset": "data.dataset", "create_dataloader": "data.dataset", "MultimodalLLM": "models.llm",
+    "VisionToLLMProjector": "models.projector", "train_alignment": "training.train",
+    "train_projector": "training.train", "get_device": "utils", "set_seed": "utils",
+    "from_pretrained": "serving.inference", "export_model": "serving.export",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ EMBED_SUFFIXES = (".npy", ".parquet")
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """A problem the user can fix ends the command with its one-line message, not a traceback."""
-    from .inference import InputError
+    from .serving.inference import InputError
 
     try:
         yield
@@ -108,7 +108,7 @@ def checkpoints(model: Path | None, aligner: Path, projector: Path | None = None
     """--model DIR (an export) or the --aligner/--projector checkpoint directories."""
     if model is None:
         return aligner, projector
-    from .inference import model_dirs
+    from .serving.inference import model_dirs
 
     with user_errors():
         return model_dirs(model)
@@ -142,7 +142,7 @@ def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: st
     """
     check_suffix(output, TABLE_SUFFIXES)
     quiet_loading()
-    from .inference import caption_files, list_images, load_captioner, resolve_device
+    from .serving.inference import caption_files, list_images, load_captioner, resolve_device
 
     aligner, projector = checkpoints(model, aligner, projector)
     if projector is None:
@@ -188,7 +188,7 @@ def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...
     quiet_loading()
     import numpy as np
 
-    from .inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
+    from .serving.inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
     from .utils import atomic_path
 
     kind = "image" if images else "text"
@@ -231,7 +231,7 @@ def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, ou
     An unreadable image is skipped with a warning, unless --strict."""
     check_suffix(output, TABLE_SUFFIXES)
     quiet_loading()
-    from .inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
+    from .serving.inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
 
     aligner = checkpoints(model, aligner)[0]
     skipped: list | None = None if strict else []
@@ -269,7 +269,7 @@ def export(out: Path, aligner: Path, projector: Path, no_projector: bool, copy_m
     Use it with `mmalign caption --model OUT` (and embed/search), or in Python:
     `mmalign.from_pretrained(OUT)`. Run it where the checkpoints were trained (the repo root).
     """
-    from .export import export_model
+    from .serving.export import export_model
 
     try:
         export_model(aligner, None if no_projector else projector, out, copy_models=copy_models)
@@ -294,7 +294,7 @@ def register(target: str | None, experiment: str, name: str, alias: str, metric:
     data; serve it with `mlflow models serve -m models:/NAME@ALIAS`. Uses the repo's MLflow store
     (run from the repo root) or MLFLOW_TRACKING_URI.
     """
-    from .registry import register as register_model
+    from .serving.registry import register as register_model
 
     try:
         version = register_model(target, experiment, name, alias, metric)

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import distributed
+from .training import distributed
 
 log = logging.getLogger(__name__)
 

@@ -119,6 +119,17 @@ def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             thread.join(0.01)
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`module` in eval mode inside the block (no dropout); its own training flag is restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def get_device() -> str:
     """The best available device: cuda (this process's GPU under `accelerate launch`), then mps, then cpu."""
     if torch.cuda.is_available():

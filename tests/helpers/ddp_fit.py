@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mmalign import distributed
-from mmalign.aligner import VisionTextAligner
+from mmalign.training import distributed
+from mmalign.models.aligner import VisionTextAligner
 from mmalign.config import AlignmentConfig
 from mmalign.data.dataset import FeaturePairBatches
-from mmalign.train import train_alignment
+from mmalign.training.train import train_alignment
 
 TERMS = {"clip": dict(clip_weight=1.0, mrl_weight=0.0), "mrl": dict(clip_weight=0.0, mrl_weight=1.0)}
 

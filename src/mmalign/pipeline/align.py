@@ -7,37 +7,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from .. import distributed
-from ..aligner import VisionTextAligner
 from ..config import AlignerConfig, AlignmentConfig, part
 from ..data.dataset import FeaturePairBatches
-from ..features import Features, load_features
+from ..data.features import Features, load_features
 from ..metrics import retrieval_metrics
-from ..train import train_alignment
+from ..models.aligner import VisionTextAligner
+from ..training import distributed
+from ..training.train import train_alignment
 from ..utils import get_device, read_json, set_seed
 from .common import state_options, write_history
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def embed(model: VisionTextAligner, feats: Features, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached features -> (z_vision (N, d), z_text (M, d)) in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = model.log_logit_scale.device
-    z_v = torch.cat([model.vision_adapter(feats.vision[i:i + batch_size].to(device))
-                     for i in range(0, feats.vision.shape[0], batch_size)])
-    z_t = torch.cat([model.text_adapter(feats.text[i:i + batch_size].to(device))
-                     for i in range(0, feats.text.shape[0], batch_size)])
-    model.train(was_training)
-    return z_v.cpu(), z_t.cpu()
-
-
 def val_retrieval(model: VisionTextAligner, feats: Features) -> dict[str, float]:
-    m = retrieval_metrics(*embed(model, feats), feats.text_to_image)
+    m = retrieval_metrics(*model.embed_features(feats.vision, feats.text), feats.text_to_image)
     out = {f"val/{d}_{k}": v for d in ("i2t", "t2i") for k, v in m[d].items() if k[0] == "R"}
     out["val/mean_R1"] = (m["i2t"]["R1"] + m["t2i"]["R1"]) / 2
     return out

@@ -23,7 +23,7 @@ def run(models: ModelsConfig, spec: TinyLLMSpec, dataset_dir: Path, out_dir: Pat
         if models.llm == BUILTIN_LLM:
             import datasets
 
-            from ..tiny_llm import build_tiny_llm, caption_documents
+            from ..standins.tiny_llm import build_tiny_llm, caption_documents
 
             captions = datasets.load_from_disk(str(dataset_dir))["train"]["captions"]
             stats = build_tiny_llm(caption_documents(captions, spec.seed), tmp / "tiny-qwen2", spec)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from .. import distributed
+from ..training import distributed
 from ..utils import atomic_path
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,15 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .. import plots
-from ..aligner import VisionTextAligner
 from ..config import EvaluateConfig
-from ..features import load_features
-from ..llm import MultimodalLLM
+from ..data.features import load_features
 from ..metrics import caption_metrics_sets, chance_retrieval, distinct_share, retrieval_metrics
+from ..models.aligner import VisionTextAligner
+from ..models.llm import MultimodalLLM
+from ..training.losses import matryoshka_prefix
 from ..utils import atomic_path, get_device, progress, write_json
-from .align import embed
 from .common import write_csv
 
 log = logging.getLogger(__name__)
@@ -27,11 +26,10 @@ log = logging.getLogger(__name__)
 
 def retrieval(model: VisionTextAligner, features_dir: Path) -> tuple[dict[str, Any], Any]:
     test = load_features(features_dir, "test")
-    z_v, z_t = embed(model, test)  # (N, d), (M, d)
+    z_v, z_t = model.embed_features(test.vision, test.text)  # (N, d), (M, d)
     full = retrieval_metrics(z_v, z_t, test.text_to_image)
     chance = chance_retrieval(test.text_to_image, test.num_images)
-    by_dim = {str(d): retrieval_metrics(F.normalize(z_v[:, :d], dim=-1), F.normalize(z_t[:, :d], dim=-1),
-                                        test.text_to_image)
+    by_dim = {str(d): retrieval_metrics(matryoshka_prefix(z_v, d), matryoshka_prefix(z_t, d), test.text_to_image)
               for d in model.cfg.mrl_dims}
     out = {"i2t": full["i2t"], "t2i": full["t2i"], "chance": chance, "by_dim": by_dim,
            "n_images": test.num_images, "n_captions": int(test.text.shape[0])}

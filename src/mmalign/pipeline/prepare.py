@@ -12,12 +12,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
 from ..config import BUILTIN_VISION, ModelsConfig, PrepareConfig
+from ..data.features import build_feature_cache
 from ..data.samples import clean_split
 from ..data.sources import check_not_empty, load_source, split_sizes
-from ..encoders import FrozenTextEncoder, FrozenVisionEncoder, build_tiny_clip
-from ..features import build_feature_cache
+from ..models.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from ..standins.tiny_clip import build_tiny_clip
+from ..training import distributed
 from ..utils import atomic_path, get_device, read_json, write_json
 
 log = logging.getLogger(__name__)

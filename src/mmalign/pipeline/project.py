@@ -10,14 +10,14 @@ from typing import Any, Callable
 
 import torch
 
-from .. import distributed
-from ..aligner import VisionTextAligner
 from ..config import LLMConfig, ProjectConfig, part
 from ..data.dataset import CaptionBatches
-from ..features import load_features, sha256
-from ..llm import MultimodalLLM
+from ..data.features import load_features, sha256
 from ..metrics import distinct_share
-from ..train import mean_caption_loss, train_projector
+from ..models.aligner import VisionTextAligner
+from ..models.llm import MultimodalLLM
+from ..training import distributed
+from ..training.train import mean_caption_loss, train_projector
 from ..utils import get_device, read_json, set_seed
 from .common import state_options, write_history
 

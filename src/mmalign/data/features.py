@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from . import distributed
-from .encoders import FrozenTextEncoder, FrozenVisionEncoder
-from .utils import DTYPES, atomic_path, prefetch, progress, read_json
+from ..models.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from ..training import distributed
+from ..utils import DTYPES, atomic_path, prefetch, progress, read_json
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .aligner import VisionTextAligner
-from .data.images import BadSample, open_rgb
-from .encoders import ModelLoadError
-from .llm import MultimodalLLM
-from .utils import get_device, progress, read_json
+from ..data.images import BadSample, open_rgb
+from ..models.aligner import VisionTextAligner
+from ..models.encoders import ModelLoadError
+from ..models.llm import MultimodalLLM
+from ..training.losses import matryoshka_prefix
+from ..utils import get_device, progress, read_json
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +269,6 @@ def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
     return dim
 
 
-def truncate(z: torch.Tensor, dim: int) -> torch.Tensor:
-    """Matryoshka prefix: (N, d_align) -> (N, dim), re-normalised (as the MRL loss and evaluate use it)."""
-    return F.normalize(z[:, :dim], dim=-1)
-
-
 @torch.inference_mode()
 def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: int | None = None,
                  batch_size: int = 64, skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
@@ -288,7 +283,7 @@ def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: i
                 out.append(aligner.encode_images(images).cpu())
     if not out:
         raise _none_read(paths, skipped)
-    return truncate(torch.cat(out), dim)
+    return matryoshka_prefix(torch.cat(out), dim)
 
 
 @torch.inference_mode()
@@ -298,7 +293,7 @@ def embed_texts(aligner: VisionTextAligner, texts: Sequence[str], dim: int | Non
     dim = check_dim(aligner, dim)
     with batched(texts, batch_size, "embedding texts", "text") as chunks:
         out = [aligner.encode_texts(list(chunk)).cpu() for chunk in chunks]
-    return truncate(torch.cat(out), dim)
+    return matryoshka_prefix(torch.cat(out), dim)
 
 
 def rank(query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> tuple[list[int], list[float]]:

@@ -31,6 +31,12 @@ def clip_loss(z_v: torch.Tensor, z_t: torch.Tensor, logit_scale: torch.Tensor) -
     return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i}
 
 
+def matryoshka_prefix(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Matryoshka embedding of size `dim`: z's first `dim` coordinates, re-normalised. (..., D) -> (..., dim).
+    What the MRL loss trains, evaluate scores at each dim, and `mmalign embed --dim` returns."""
+    return F.normalize(z[..., :dim], dim=-1)
+
+
 def matryoshka_loss(
     z_v: torch.Tensor,
     z_t: torch.Tensor,
@@ -47,7 +53,7 @@ def matryoshka_loss(
     out: dict[str, torch.Tensor] = {}
     total = z_v.new_zeros(())
     for d, w in zip(dims, weights):
-        term = clip_loss(F.normalize(z_v[:, :d], dim=-1), F.normalize(z_t[:, :d], dim=-1), logit_scale)["loss"]
+        term = clip_loss(matryoshka_prefix(z_v, d), matryoshka_prefix(z_t, d), logit_scale)["loss"]
         out[f"dim_{d}"] = term
         total = total + w * term
     out["loss"] = total / sum(weights)

@@ -24,9 +24,9 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from .config import TinyLLMSpec  # noqa: F401 (re-exported: the spec lives with the other configs)
-from .utils import atomic_path
-from .utils import progress as progress_bar
+from ..config import TinyLLMSpec  # noqa: F401 (re-exported: the spec lives with the other configs)
+from ..utils import atomic_path
+from ..utils import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Phase 2: frozen aligner -> trainable projector -> k prefix embeddings -> decoder LLM -> captions.
 
-The projector follows ClipCap (Mokady et al. 2021: an MLP maps one image embedding to k prefix
-tokens) and LLaVA (a linear map in v1, a 2-layer MLP in v1.5). The prefix goes where the image
-belongs in the prompt: inside the user turn for chat models, before the prompt text otherwise.
+The projector is projector.py; where the prefix goes in the prompt is prompt.py; the lean training
+step's cross-entropy is caption_loss.py. This module wires them to the LLM: build the inputs, the
+loss, generation, and the checkpoint (projector + LoRA).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..config import LLMConfig, from_dict, part
+from ..hub import local_files_only
+from ..training.caption_loss import linear_cross_entropy
+from ..utils import DTYPES, eval_mode, load_checkpoint, save_checkpoint
 from .aligner import VisionTextAligner
-from .caption_loss import linear_cross_entropy
-from .config import LLMConfig, from_dict, part
 from .encoders import LOAD_ERRORS, freeze, model_load_error
-from .hub import local_files_only
-from .utils import DTYPES, load_checkpoint, save_checkpoint
+from .projector import VisionToLLMProjector
+from .prompt import end_token_id, render_prompt, token_rows
 
 log = logging.getLogger(__name__)
-
-IMAGE_MARK = "<image>"  # split point in the rendered chat template; never tokenized
 
 
 def _cache_arg() -> str:
@@ -33,21 +33,6 @@ def _cache_arg() -> str:
     import transformers
 
     return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-
-
-class VisionToLLMProjector(nn.Module):
-    """z_vision (B, d_in) -> prefix embeddings (B, k, d_llm)."""
-
-    def __init__(self, d_in: int, d_llm: int, k: int, kind: str = "mlp", hidden: int = 1024):
-        super().__init__()
-        self.k, self.d_llm = k, d_llm
-        if kind == "linear":
-            self.net = nn.Linear(d_in, k * d_llm)
-        else:
-            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, k * d_llm))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).view(z.shape[0], self.k, self.d_llm)  # (B, k, d_llm)
 
 
 def load_llm(cfg: LLMConfig) -> tuple[Any, Any]:
@@ -90,7 +75,7 @@ class MultimodalLLM(nn.Module):
         self.projector = VisionToLLMProjector(aligner.cfg.d_align, d_llm, cfg.k, cfg.projector_type,
                                               cfg.projector_hidden)
         self.projector.to(next(self.llm.parameters()).device)
-        self.end_id = self._end_token_id()
+        self.end_id = end_token_id(tokenizer)
         self._pieces: dict[str, tuple[list[int], list[int]]] = {}
 
     def train(self, mode: bool = True) -> "MultimodalLLM":
@@ -101,29 +86,11 @@ class MultimodalLLM(nn.Module):
         return self
 
     # -- prompt layout -------------------------------------------------------------------------
-    def _end_token_id(self) -> int:
-        tok = self.tokenizer
-        if tok.chat_template and "<|im_end|>" in tok.get_vocab():
-            return tok.convert_tokens_to_ids("<|im_end|>")  # ChatML turns end with <|im_end|>
-        return tok.eos_token_id
-
     def prompt_pieces(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the image prefix (rendered once per prompt: every step asks)."""
         if prompt not in self._pieces:
-            self._pieces[prompt] = self._render_prompt(prompt)
+            self._pieces[prompt] = render_prompt(self.tokenizer, prompt)
         return self._pieces[prompt]
-
-    def _render_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": f"{IMAGE_MARK}\n{prompt}"}],
-                                           tokenize=False, add_generation_prompt=True)
-            before, after = text.split(IMAGE_MARK, 1)
-        else:
-            before, after = "", f"{prompt} " if prompt else ""
-        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None and not tok.chat_template else []
-        return bos + enc(before), enc(after)
 
     def build_inputs(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]] | None = None,
                      prompt: str | None = None, padding_side: str = "right",
@@ -137,28 +104,12 @@ class MultimodalLLM(nn.Module):
         """
         before, after = self.prompt_pieces(self.cfg.prompt if prompt is None else prompt)
         before = [] if skip_before else before
-        B, k, _ = prefix.shape
-        pad = self.tokenizer.pad_token_id
-        rows, label_rows = [], []
-        for b in range(B):
-            cap = list(captions[b][: self.cfg.max_caption_tokens - 1]) + [self.end_id] if captions is not None else []
-            ids = before + [pad] * k + after + cap
-            rows.append(ids)
-            label_rows.append([-100] * (len(ids) - len(cap)) + cap)
-        T = max(map(len, rows))
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        is_prefix = torch.zeros((B, T), dtype=torch.bool)
-        for b, (row, lab) in enumerate(zip(rows, label_rows)):
-            start = 0 if padding_side == "right" else T - len(row)
-            ids[b, start:start + len(row)] = torch.tensor(row)
-            labels[b, start:start + len(row)] = torch.tensor(lab)
-            mask[b, start:start + len(row)] = 1
-            is_prefix[b, start + len(before):start + len(before) + k] = True
+        rows = token_rows(before, after, prefix.shape[1], captions, prefix.shape[0], self.end_id,
+                          self.tokenizer.pad_token_id, self.cfg.max_caption_tokens, padding_side)
         device = prefix.device
-        embeds = self.llm.get_input_embeddings()(ids.to(device))  # (B, T, H)
-        embeds = embeds.masked_scatter(is_prefix.to(device).unsqueeze(-1), prefix.to(embeds.dtype))
+        mask, labels = rows["attention_mask"], rows["labels"]
+        embeds = self.llm.get_input_embeddings()(rows["input_ids"].to(device))  # (B, T, H)
+        embeds = embeds.masked_scatter(rows["is_prefix"].to(device).unsqueeze(-1), prefix.to(embeds.dtype))
         out = {"inputs_embeds": embeds, "attention_mask": mask.to(device)}
         if captions is not None:
             out["labels"] = labels.to(device)
@@ -258,14 +209,10 @@ class MultimodalLLM(nn.Module):
         """prefix (B, k, H) -> one caption per row; left padding so every row ends where decoding starts."""
         inputs = self.build_inputs(prefix, None, prompt, padding_side="left")
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        was_training = self.training
-        self.eval()  # LoRA dropout is live on a fresh or training model; greedy decoding must be deterministic
-        try:
+        with eval_mode(self):  # LoRA dropout is live on a fresh or training model; greedy must be deterministic
             out = self.llm.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=use_cache,
                                     pad_token_id=self.tokenizer.pad_token_id,
                                     eos_token_id=[self.end_id, self.tokenizer.eos_token_id], **sampling)
-        finally:
-            self.train(was_training)
         # With only inputs_embeds given, generate returns just the new tokens.
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
@@ -274,14 +221,12 @@ class MultimodalLLM(nn.Module):
                  top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True) -> list[str]:
         """PIL images or paths -> one caption each, batched. Greedy (the default) is deterministic.
         `prompt`: None uses the prompt the projector was trained with (cfg.prompt)."""
-        was_training = self.training
-        self.eval()
         captions: list[str] = []
-        for i in range(0, len(images), batch_size):
-            prefix = self.prefix_from_images(images[i:i + batch_size])
-            captions += self.generate_from_prefix(prefix, prompt, max_new_tokens, num_beams, do_sample,
-                                                  temperature, top_p, use_cache)
-        self.train(was_training)
+        with eval_mode(self):
+            for i in range(0, len(images), batch_size):
+                prefix = self.prefix_from_images(images[i:i + batch_size])
+                captions += self.generate_from_prefix(prefix, prompt, max_new_tokens, num_beams, do_sample,
+                                                      temperature, top_p, use_cache)
         return captions
 
     # -- checkpoints (projector + LoRA only) -----------------------------------------------------

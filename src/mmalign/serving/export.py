@@ -19,8 +19,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..utils import atomic_path, read_json
 from .inference import MANIFEST
-from .utils import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Frozen encoders: a CLIP (or SigLIP) vision tower and a sentence-transformers text model.
 
 Both load through the real Hugging Face paths (`from_pretrained`), so a hub id, a local HF
-cache or a local directory all work; the offline default's tiny CLIP is built here too.
+cache or a local directory all work, the offline default's stand-ins (standins/) included.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VISION_POOLINGS, TinyCLIPConfig, VisionPooling
-from .hub import hub_unreachable, local_files_only, offline_flag, resolve_text_model
-from .utils import atomic_path
+from ..config import VISION_POOLINGS, VisionPooling
+from ..hub import hub_unreachable, local_files_only, offline_flag, resolve_text_model
 
 log = logging.getLogger(__name__)
-
 
 
 class ModelLoadError(RuntimeError):
@@ -48,26 +46,6 @@ def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
         f"{' (HF_HUB_OFFLINE is set)' if offline_flag() else ' and the hub is unreachable'}. Fix: download it where "
         f"the hub is reachable (`hf download {name}`), point HF_HOME at a cache that has it, or set "
         f"{PARAMS.get(kind, 'the param')} to a local directory.")
-
-
-def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -> Path:
-    """Build the offline stand-in for a CLIP vision tower: same classes, tiny, deterministic random init."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        image_size=image_size, patch_size=cfg.patch_size, projection_dim=cfg.hidden_size,
-    )
-    torch.manual_seed(cfg.seed)
-    model = CLIPVisionModel(config).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out_dir
 
 
 def batched_pixel_values(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor | None:

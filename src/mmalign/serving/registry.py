@@ -69,7 +69,7 @@ def register(target: str | None, experiment: str, name: str = "mmalign-captioner
     Returns the ModelVersion."""
     import mlflow
 
-    from .tracking import store_lock, tracking_uri
+    from ..tracking import store_lock, tracking_uri
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -16,11 +16,11 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from .tracking import Tracker, store_lock
+from ..tracking import Tracker, store_lock
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent  # shipped inside the logged model (code_paths)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the mmalign package, shipped inside the logged model (code_paths)
 
 
 class BadInput(MlflowException):
@@ -99,7 +99,7 @@ with contextlib.redirect_stderr(io.StringIO()):
 MODEL_CODE = """\
 import mlflow
 
-from mmalign.captioner import CaptionerModel
+from mmalign.serving.captioner import CaptionerModel
 
 mlflow.models.set_model(CaptionerModel())
 """
@@ -169,7 +169,7 @@ def log_captioner(tracker_or_run: Any, aligner_dir: str | Path, projector_dir: s
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from .utils import read_json
+    from ..utils import read_json
 
     aligner_dir, projector_dir = Path(aligner_dir), Path(projector_dir)
     models = {"llm": _model_source(llm_dir, read_json(projector_dir / "config.json")["model_name"], "LLM",

@@ -12,11 +12,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..config import AlignTrainConfig, TrainingConfig
+from ..utils import eval_mode, progress as progress_bar
 from . import distributed
-from .config import AlignTrainConfig, TrainingConfig
 from .losses import alignment_loss
-from .train_state import load_state, restore, save_state
-from .utils import progress as progress_bar
+from .state import load_state, restore, save_state
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,13 @@ def caption_loss_fn(model: nn.Module) -> LossFn:
 @torch.no_grad()
 def mean_caption_loss(model: nn.Module, loader: Iterable[dict[str, Any]]) -> float:
     """Token-weighted mean next-token loss over a loader (validation)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device = next(model.projector.parameters()).device
-    for batch in loader:
-        _, loss = model(batch["vision_features"].to(device), batch["captions"], lean=True)
-        n = sum(min(len(c), model.cfg.max_caption_tokens - 1) + 1 for c in batch["captions"])
-        total, count = total + float(loss) * n, count + n
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            _, loss = model(batch["vision_features"].to(device), batch["captions"], lean=True)
+            n = sum(min(len(c), model.cfg.max_caption_tokens - 1) + 1 for c in batch["captions"])
+            total, count = total + float(loss) * n, count + n
     return total / max(1, count)
 
 

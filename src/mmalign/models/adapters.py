@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ACTIVATIONS, Activation
+from ..config import ACTIVATIONS, Activation
 
 
 class MLPAdapter(nn.Module):

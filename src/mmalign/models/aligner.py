@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..config import AlignerConfig, AlignTrainConfig, fields_of, from_dict, part
+from ..utils import eval_mode, load_checkpoint, save_checkpoint
 from .adapters import MLPAdapter
-from .config import AlignerConfig, AlignTrainConfig, fields_of, from_dict, part
 from .encoders import FrozenTextEncoder, FrozenVisionEncoder
-from .utils import load_checkpoint, save_checkpoint
 
 
 class VisionTextAligner(nn.Module):
@@ -74,6 +74,20 @@ class VisionTextAligner(nn.Module):
     def forward(self, vision_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features (B, Dv), (B, Dt) -> z_vision, z_text (B, d_align), L2-normalised."""
         return self.vision_adapter(vision_features), self.text_adapter(text_features)
+
+    @torch.no_grad()
+    def embed_features(self, vision: torch.Tensor, text: torch.Tensor, batch_size: int = 1024
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached frozen features (N, Dv), (M, Dt) -> z_vision (N, d), z_text (M, d) on the CPU, in eval mode
+        (no dropout), in batches; the feature cache's rows as they are (float16 caches are cast)."""
+        device = self._device()
+
+        def run(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([adapter(x[i:i + batch_size].to(device, torch.float32)).cpu()
+                              for i in range(0, x.shape[0], batch_size)])
+
+        with eval_mode(self):
+            return run(self.vision_adapter, vision), run(self.text_adapter, text)
 
     def encode_images(self, images: Sequence[Image.Image | str | Path] | torch.Tensor) -> torch.Tensor:
         """PIL images, paths or pixel_values (B, 3, H, W) -> z_vision (B, d_align)."""

@@ -1,0 +1,1 @@
+"""Using a trained model: inference helpers, portable export, the MLflow pyfunc captioner and its registration."""

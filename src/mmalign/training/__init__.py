@@ -1,0 +1,1 @@
+"""Training infrastructure: the loop (fit), resumable state, the losses, and multi-process helpers."""
