@@ -53,7 +53,7 @@ _PITCH_HZ = {
     "knock": {"low": (110, 170), "high": (600, 900)},
 }
 _PEAK = {"quiet": (0.07, 0.12), "loud": (0.4, 0.6)}
-_SECONDS = {"short": (0.15, 0.3), "long": (0.6, 0.9)}
+_SECONDS = {"short": (0.15, 0.28), "long": (0.6, 0.9)}  # the longest scene (3 x 3 short) fits in 5 s
 _COUNT_WEIGHTS = (3.0, 3.0, 2.0)  # 1, 2, 3 events per clip
 _REPEAT_WEIGHTS = (3.0, 1.5, 1.0)  # a short event sounds 1, 2 or 3 times
 _NOISE_FLOOR = 0.002  # std of the background noise: no clip is digitally silent
@@ -189,7 +189,8 @@ def _render(nrng: np.random.Generator, rng: random.Random, events: list[_Event],
     lead = rng.uniform(0.05, 0.3)
     seconds = rng.uniform(max(MIN_SECONDS, lead + content + 0.05), MAX_SECONDS)
     # uniform (std _NOISE_FLOOR) rather than Gaussian noise: 5x faster to draw, sounds the same
-    clip = (nrng.random(int(round(seconds * sr)), dtype=np.float32) - np.float32(0.5)) * np.float32(_NOISE_FLOOR * 12 ** 0.5)
+    clip = nrng.random(int(round(seconds * sr)), dtype=np.float32) - np.float32(0.5)
+    clip *= np.float32(_NOISE_FLOOR * 12 ** 0.5)
     t, placed = lead, []
     for k, (e, ss) in enumerate(zip(events, sounds)):
         onset = t
