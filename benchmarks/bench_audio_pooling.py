@@ -1,8 +1,8 @@
 """Which pooling lets the random tiny Whisper carry the signal of the synthetic sound scenes?
 
 Features of every clip (synthetic_audio, train and test splits) from the default tiny Whisper
-(TinyWhisperConfig(): d_model 128, 1 layer, init_std 0.3, 5 s window), pooled over the frames that hold audio
-as "mean" and as time "grid" with G = 2, 4, 8 segments. Each test clip is labelled with its nearest
+(TinyWhisperConfig(): d_model 128, 1 layer, init_std 0.3, 5 s window), pooled over the frames
+that hold audio as "mean" and as time "grid" with G = 2, 4, 8 segments. Each test clip is labelled with its nearest
 train clip (cosine after centring on the train mean) and scored on: the first event's type
 (7 classes), its pitch, its loudness, the last event's type, the number of events, and the whole
 sequence of event types (order). Chance is the majority class of the test split. The same pooling
@@ -21,7 +21,8 @@ Result (2000 train / 500 test clips, seed 0; default tower: 1 layer, init_std 0.
     sequence          0.106  0.146  0.160  0.196  0.200 |          0.200  0.218  0.258  0.208
 
 With Whisper's own init (4 layers, init_std 0.02; measured before short events were capped at
-0.28 s) the same tower is near chance: first event 0.242 / 0.262 / 0.284 / 0.270, sequence 0.074 / 0.072 / 0.074 / 0.070 (mean / grid 2 / 4 / 8).
+0.28 s) the same tower is near chance: first event 0.242 / 0.262 / 0.284 / 0.270, sequence
+0.074 / 0.072 / 0.074 / 0.070 (mean / grid 2 / 4 / 8).
 So: grid pooling (4-8 segments) over the audio frames, on a 1-layer tower with init_std 0.3. The
 random tower still keeps less than its log-mel input does at grid 4.
 """
