@@ -248,3 +248,112 @@ def distinct_share(captions: list[str]) -> float:
     if not captions:
         return 0.0
     return len({c.strip().lower() for c in captions}) / len(captions)
+
+
+# mAP@k, the DCASE language-based audio retrieval metric (task 6b: each caption queries the audio clips,
+# one relevant clip per query, so AP@10 = 1/rank if rank <= 10 else 0). With R relevant items per query
+# (audio -> its captions) AP@k = sum_{r<=k} P@r * rel(r) / min(R, k): 1 for a perfect ranking; equal to
+# the audio-text retrieval convention (divide by R, Mei et al. 2022) whenever R <= k, as Clotho's 5 <= 10.
+
+def _expected_ap(above: torch.Tensor, n: torch.Tensor, a: torch.Tensor, a_above: torch.Tensor,
+                 n_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """E[AP@k] per query (Q,) float64 under uniformly random tie-breaking, from the tied block at each rank.
+
+    above, n, a, a_above: (Q, K) for ranks r = 1..K (K <= k): candidates strictly above the block that
+    holds rank r, the block's size, relevant items in it, relevant items above it. A relevant item at
+    rank r adds P@r = (relevant at ranks <= r) / r. Rank r is position t = r - above of a uniformly
+    shuffled block: P(relevant) = a / n and, given that, the t - 1 positions before it hold
+    (t - 1)(a - 1)/(n - 1) relevant items on average, so E[rel(r) * hits(r)] = a/n (a_above + 1 + that).
+    """
+    above, n, a, a_above = (x.double() for x in (above, n, a, a_above))
+    r = torch.arange(1, above.shape[1] + 1, dtype=torch.float64)  # (K,)
+    t = r - above  # (Q, K) position inside the block
+    hits = a / n * (a_above + 1 + (t - 1) * (a - 1) / (n - 1).clamp(min=1))  # (Q, K)
+    return (hits / r).sum(1) / n_relevant.double().clamp(max=k)
+
+
+def map_at_k(ranks: TiedRanks | torch.Tensor, k: int = 10) -> float:
+    """mAP@k for one relevant item per query (text -> audio, the DCASE case): mean E[1/rank if rank <= k].
+
+    ranks: TiedRanks (as retrieval_ranks returns for t2i) or plain 1-based ranks (Q,). Exact under
+    uniformly random tie-breaking, so a collapsed model scores exactly chance_map_at_k. Queries with
+    several relevant items need their whole ranking: average_precision_at_k.
+    """
+    r = ranks if isinstance(ranks, TiedRanks) else TiedRanks.untied(ranks)
+    if r.above.numel() == 0:
+        raise ValueError("map_at_k needs at least one rank")
+    if (r.pos != 1).any():
+        raise ValueError("map_at_k: a query has several relevant items tied; use average_precision_at_k")
+    above, n = r.above.cpu().double()[:, None], (r.neg.cpu() + 1).double()[:, None]  # (Q, 1)
+    kk = min(k, int((above + n).max()))  # the ranks that exist (the same K as chance_map_at_k's)
+    rank = torch.arange(1, kk + 1, dtype=torch.float64)[None, :]  # (1, K)
+    in_block = ((rank > above) & (rank <= above + n)).double()  # (Q, K): the relevant item can sit there
+    ones = torch.ones(len(above), dtype=torch.float64)
+    return float(_expected_ap(above.expand(-1, kk), n.expand(-1, kk), in_block, 0 * in_block, ones, k).mean())
+
+
+@torch.inference_mode()
+def average_precision_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int = 10,
+                           chunk: int | None = None) -> torch.Tensor:
+    """E[AP@k] per query (Q,) float64 under uniformly random tie-breaking (a tie is exact float equality).
+
+    scores (Q, N) similarity of each query to each candidate; relevant (Q, N) bool, >= 1 per query.
+    Only the tied blocks that reach the top k matter, so the cost is O(Q * N * k) comparisons.
+    """
+    if scores.shape != relevant.shape or scores.ndim != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} must be the same (Q, N)")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores hold NaN or inf: the model diverged or its checkpoint is damaged")
+    relevant = relevant.to(scores.device).bool()
+    n_relevant = relevant.sum(1)  # (Q,)
+    if (n_relevant == 0).any():
+        raise ValueError(f"query {int(torch.nonzero(n_relevant == 0)[0])} has no relevant item")
+    q, n = scores.shape
+    kk = min(k, n)
+    chunk = chunk or max(1, (1 << 22) // (n * kk))
+    out = []
+    for s in range(0, q, chunk):
+        sc, rel = scores[s:s + chunk], relevant[s:s + chunk]  # (c, N)
+        level = sc.topk(kk, dim=1).values[..., None]  # (c, K, 1): the score at ranks 1..K
+        higher, tied = sc[:, None, :] > level, sc[:, None, :] == level  # (c, K, N)
+        out.append(_expected_ap(higher.sum(2), tied.sum(2), (tied & rel[:, None]).sum(2),
+                                (higher & rel[:, None]).sum(2), n_relevant[s:s + chunk], k).cpu())
+    return torch.cat(out)
+
+
+def retrieval_map_at_k(item_emb: torch.Tensor, text_emb: torch.Tensor, text_to_item: torch.Tensor,
+                       k: int = 10) -> dict[str, float]:
+    """{"i2t": mAP@k of each item (audio clip, image) querying all texts (its captions relevant),
+    "t2i": mAP@k of each text querying the items (one relevant)}; inputs as in retrieval_ranks."""
+    n = item_emb.shape[0]
+    _captions_per_image(text_to_item, n)
+    text_emb, owner = text_emb.to(item_emb), text_to_item.to(item_emb.device).long()
+    items = torch.arange(n, device=owner.device)
+    chunk = max(16, (1 << 22) // max(n, len(owner)))  # queries per matmul, as in retrieval_ranks
+    i2t = [average_precision_at_k(item_emb[s:s + chunk] @ text_emb.T, owner[None, :] == items[s:s + chunk, None], k)
+           for s in range(0, n, chunk)]  # (c, M) scores, an item's captions relevant
+    t2i = [average_precision_at_k(text_emb[s:s + chunk] @ item_emb.T, owner[s:s + chunk, None] == items[None, :], k)
+           for s in range(0, len(owner), chunk)]  # (c, N) scores, one relevant item
+    return {"i2t": float(torch.cat(i2t).mean()), "t2i": float(torch.cat(t2i).mean())}
+
+
+def chance_map_at_k(n_relevant: torch.Tensor | int, n_candidates: int, k: int = 10) -> float:
+    """Exact E[mAP@k] of a uniformly random ranking = of a collapsed model (every candidate tied).
+
+    n_relevant: relevant items per query (Q,) or one int for all; n_candidates: N. With one relevant
+    item this is H_min(k, N) / N (H: harmonic number).
+    """
+    rel = torch.as_tensor(n_relevant, dtype=torch.long).reshape(-1)
+    if rel.numel() == 0 or (rel < 1).any() or (rel > n_candidates).any():
+        raise ValueError(f"n_relevant must be >= 1 and <= n_candidates={n_candidates}")
+    kk = min(k, n_candidates)
+    zeros = torch.zeros(len(rel), kk, dtype=torch.long)
+    return float(_expected_ap(zeros, zeros + n_candidates, rel[:, None].expand(-1, kk), zeros, rel, k).mean())
+
+
+def chance_retrieval_map(text_to_item: torch.Tensor, n_items: int, k: int = 10) -> dict[str, float]:
+    """chance_map_at_k for retrieval_map_at_k's two directions (exact, no simulation)."""
+    counts = _captions_per_image(text_to_item, n_items)
+    m = int(text_to_item.numel())
+    # one value per query, averaged like retrieval_map_at_k's, so a collapsed model equals it to the last bit
+    return {"i2t": chance_map_at_k(counts, m, k), "t2i": chance_map_at_k(torch.ones(m, dtype=torch.long), n_items, k)}

@@ -1,0 +1,228 @@
+"""Frozen audio encoder: the encoder of a Whisper model (or a CLAP audio tower) -> clip feature (B, dim).
+
+Loads through the real Hugging Face path (`from_pretrained`), so `openai/whisper-base`, a local HF
+cache or a local directory all work; the offline default's tiny Whisper is built here too
+(`build_tiny_whisper`), with the same classes and files as a hub Whisper.
+
+Whisper encodes a fixed window (30 s for the real models) of zero-padded audio; a 3 s clip would be
+90% padding if pooled over every frame. So features pool over the frames that hold audio: encoder
+frame i covers hop_length * 2 samples (20 ms at 16 kHz), and a clip of L samples fills
+ceil(L / (2 * hop_length)) of them. Trailing exact zeros count as padding (a dataset that pads clips
+with digital silence gets the same feature as the unpadded clip): Whisper's feature extractor pads
+with zeros itself, so the model sees the same input either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoders import LOAD_ERRORS, ModelLoadError, freeze, model_load_error
+from .hub import local_files_only
+from .utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "grid", "pooler")
+AUDIO_TOWERS = ("whisper", "clap", "clap_audio_model")
+KIND = "audio encoder"
+
+
+@dataclass
+class TinyWhisperConfig:
+    """Size of the locally built stand-in for a Whisper encoder (random init, frozen).
+
+    d_model, num_layers, num_heads, ffn_dim: encoder shape (d_model % num_heads == 0).
+    num_mel_bins: log-mel channels (80 as whisper-base). chunk_length: window in seconds; the
+    encoder then has chunk_length * 50 positions (20 ms each), so 5 s keeps CPU extraction fast.
+    init_std: std of the random weights (transformers' WhisperConfig.init_std).
+    seed: torch seed of the random init; equal configs give equal weights.
+
+    Why one layer and init_std 0.3 (Whisper's own init is 0.02): at 0.02 the random convolutions'
+    output is small beside the sinusoidal position embedding, so pooled features mostly say which
+    frames were pooled (the clip length) and a test clip's nearest train clip gets its first event
+    type right no more often than chance; each random attention layer then blurs time further.
+    Measured by benchmarks/bench_audio_pooling.py (nearest-neighbour first-event accuracy on held-out
+    test clips, chance 0.20): 4 layers at 0.02 give 0.24-0.28, 1 layer at 0.3 gives 0.40 (mean) to
+    0.51 (grid, 8 segments); 1 layer is also 4x faster than 4 on CPU.
+    """
+
+    d_model: int = 128
+    num_layers: int = 1
+    num_heads: int = 4
+    ffn_dim: int = 512
+    num_mel_bins: int = 80
+    chunk_length: int = 5
+    init_std: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "chunk_length"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"tiny_whisper.{key}={getattr(self, key)!r}: must be an integer >= 1")
+        if not self.init_std > 0:
+            raise ValueError(f"tiny_whisper.init_std={self.init_std!r}: must be > 0")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"tiny_whisper.d_model={self.d_model}: must be divisible by num_heads={self.num_heads}")
+
+
+def build_tiny_whisper(out_dir: str | Path, cfg: TinyWhisperConfig | None = None) -> Path:
+    """Build the offline stand-in for `openai/whisper-base`: a WhisperModel (tiny, random, deterministic) saved
+    with config.json + model.safetensors + preprocessor_config.json, loadable by `FrozenAudioEncoder(out_dir)`.
+
+    The decoder is a one-layer placeholder (only the encoder is used); the checkpoint keeps it so the
+    directory has exactly the layout of a hub Whisper.
+    """
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    cfg = cfg or TinyWhisperConfig()
+    extractor = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, chunk_length=cfg.chunk_length)
+    config = WhisperConfig(
+        d_model=cfg.d_model, encoder_layers=cfg.num_layers, encoder_attention_heads=cfg.num_heads,
+        encoder_ffn_dim=cfg.ffn_dim, num_mel_bins=cfg.num_mel_bins,
+        max_source_positions=extractor.nb_max_frames // 2,  # conv2 has stride 2: 500 mel frames -> 250 positions
+        decoder_layers=1, decoder_attention_heads=cfg.num_heads, decoder_ffn_dim=cfg.d_model,
+        vocab_size=8, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        decoder_start_token_id=1, begin_suppress_tokens=None, init_std=cfg.init_std,
+    )
+    torch.manual_seed(cfg.seed)
+    model = WhisperModel(config).eval()
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        extractor.save_pretrained(tmp)
+    return out_dir
+
+
+def valid_samples(clip: np.ndarray) -> int:
+    """Samples up to the last non-zero one (>= 1): trailing exact zeros are padding, not audio."""
+    nonzero = np.flatnonzero(clip)
+    return int(nonzero[-1]) + 1 if nonzero.size else 1
+
+
+def pool_frames(hidden: torch.Tensor, n_frames: torch.Tensor, segments: int = 1) -> torch.Tensor:
+    """Mean over the first n_frames[b] frames of each clip, in `segments` equal time segments, concatenated.
+
+    hidden (B, T, D), n_frames (B,) long in 1..T -> (B, segments * D). Segment g averages frames
+    [floor(g n / G), ceil((g + 1) n / G)): adaptive_avg_pool1d over the valid frames only, so nothing
+    past n_frames (padding) changes the result; segments=1 is the plain mean over valid frames.
+    """
+    B, T, D = hidden.shape
+    n = n_frames.to(hidden.device).long().clamp(1, T)[:, None]  # (B, 1)
+    g = torch.arange(segments, device=hidden.device)[None, :]  # (1, G)
+    start, end = (g * n) // segments, -((-(g + 1) * n) // segments)  # (B, G) each
+    t = torch.arange(T, device=hidden.device)  # (T,)
+    weights = ((t >= start[..., None]) & (t < end[..., None])).to(hidden.dtype)  # (B, G, T)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("bgt,btd->bgd", weights, hidden).flatten(1)  # (B, G * D)
+
+
+class FrozenAudioEncoder(nn.Module):
+    """Whisper encoder (or CLAP audio tower) -> audio feature (B, dim). Never trained.
+
+    pooling (Whisper): "mean" averages the encoder frames that hold audio; "grid" splits those frames
+    into `grid` equal time segments, averages each and concatenates them (dim = grid * d_model),
+    keeping when things happen (the time analogue of the vision encoder's grid pooling).
+    pooling (CLAP): "pooler", the tower's own pooled output over its (repeat-padded) window; only
+    unfused CLAP models (e.g. laion/clap-htsat-unfused): the fused ones pick random chunks per call.
+    Attributes: dim, sampling_rate (Hz the clips must have), window_seconds (longer clips are cut),
+    frame_seconds (Whisper: time per encoder frame).
+    """
+
+    def __init__(self, name: str, pooling: str = "mean", grid: int = 4, trust_remote_code: bool = False):
+        super().__init__()
+        from transformers import AutoConfig, AutoFeatureExtractor
+
+        if pooling not in POOLINGS:
+            raise ValueError(f"audio pooling={pooling!r}: allowed: {', '.join(POOLINGS)}")
+        if not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"audio grid={grid!r}: must be an integer >= 1")
+        self.name, self.pooling, self.grid = name, pooling, grid
+        kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only(name)}
+        try:
+            model_type = AutoConfig.from_pretrained(name, **kw).model_type
+            if model_type not in AUDIO_TOWERS:
+                raise ModelLoadError(f"models.audio '{name}' is a '{model_type}' model; supported: Whisper and "
+                                     "CLAP audio towers (model_type " + ", ".join(AUDIO_TOWERS) + ")")
+            self.kind = "whisper" if model_type == "whisper" else "clap"
+            self.model = freeze(self._load_tower(name, kw))
+            self.processor = AutoFeatureExtractor.from_pretrained(name, **kw)
+        except LOAD_ERRORS as e:
+            raise model_load_error(name, KIND, e) from None
+        if (self.kind == "clap") != (pooling == "pooler"):
+            raise ValueError(f"audio pooling={pooling!r} does not fit a {self.kind} model: "
+                             + ("use pooler" if self.kind == "clap" else "use mean or grid"))
+        p = self.processor
+        self.sampling_rate: int = p.sampling_rate
+        self.window_seconds: float = p.n_samples / p.sampling_rate if self.kind == "whisper" else p.max_length_s
+        if self.kind == "whisper":
+            c = self.model.config
+            self.stride = self.model.conv1.stride[0] * self.model.conv2.stride[0]  # mel frames per encoder frame
+            self.frame_seconds = p.hop_length * self.stride / p.sampling_rate  # 0.02 for every real Whisper
+            self.dim: int = c.d_model * (grid if pooling == "grid" else 1)
+        else:
+            self.dim = self.model.config.hidden_size
+
+    def _load_tower(self, name: str, kw: dict) -> nn.Module:
+        from transformers import ClapAudioModel, WhisperModel
+
+        if self.kind == "clap":
+            model = ClapAudioModel.from_pretrained(name, use_safetensors=True, **kw)
+            if model.config.enable_fusion:
+                raise ModelLoadError(f"models.audio '{name}' is a fused CLAP model: its inputs are random chunks, "
+                                     "so features would differ per run. Use an unfused one (laion/clap-htsat-unfused)")
+            return model
+        # WhisperModel, not WhisperEncoder: hub checkpoints hold the whole model ("model.encoder.*" keys) and
+        # WhisperEncoder.from_pretrained would miss them all and keep its random init
+        whisper, info = WhisperModel.from_pretrained(name, use_safetensors=True, output_loading_info=True, **kw)
+        missing = sorted(k for k in info["missing_keys"] if k.startswith("encoder."))
+        if missing:
+            raise ModelLoadError(f"models.audio '{name}': the checkpoint has no weights for {len(missing)} encoder "
+                                 f"tensors (e.g. {missing[0]}); it is not a Whisper checkpoint")
+        return whisper.get_encoder()
+
+    def train(self, mode: bool = True) -> "FrozenAudioEncoder":
+        return super().train(False)  # stays in eval mode whatever the parent does
+
+    def preprocess(self, clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Clips (T,) float at `sampling_rate` -> the model's input batch.
+
+        Each clip is cut to the window and its trailing zeros dropped. Whisper: {"input_features":
+        (B, n_mels, frames), "n_frames": (B,) encoder frames that hold audio}; CLAP: {"input_features":
+        (B, 1, T, n_mels), "is_longer": (B, 1)}.
+        """
+        window = int(round(self.window_seconds * self.sampling_rate))
+        clips = [np.asarray(c, dtype=np.float32)[:window] for c in clips]
+        clips = [c[:valid_samples(c)] for c in clips]
+        if self.kind == "clap":
+            out = self.processor(clips, sampling_rate=self.sampling_rate, truncation="rand_trunc",
+                                 return_tensors="pt")
+            return {"input_features": out["input_features"], "is_longer": out["is_longer"]}
+        out = self.processor(clips, sampling_rate=self.sampling_rate, return_tensors="pt")
+        hop = self.processor.hop_length * self.stride
+        n_frames = torch.tensor([math.ceil(len(c) / hop) for c in clips], dtype=torch.long)  # (B,)
+        n_frames = n_frames.clamp(1, self.model.config.max_source_positions)
+        return {"input_features": out["input_features"], "n_frames": n_frames}
+
+    @torch.no_grad()  # not inference_mode: the seed's design feeds these outputs into trained adapters
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A `preprocess` batch -> pooled features (B, dim) float32."""
+        param = next(self.model.parameters())
+        features = batch["input_features"].to(param.device, param.dtype)
+        if self.kind == "clap":
+            is_longer = batch["is_longer"].to(param.device)
+            return self.model(input_features=features, is_longer=is_longer).pooler_output.float()
+        hidden = self.model(input_features=features).last_hidden_state  # (B, T, d_model)
+        return pool_frames(hidden.float(), batch["n_frames"], self.grid if self.pooling == "grid" else 1)
+
+    def encode(self, clips: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """preprocess + forward in batches: clips -> (N, dim) float32 on CPU."""
+        out = [self(self.preprocess(clips[i:i + batch_size])).cpu() for i in range(0, len(clips), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.dim)
