@@ -61,7 +61,7 @@ def features(enc, clips, batch_size: int = 64):
     """{G: (N, G * d_model) tower features, ("mel", G): (N, G * n_mels) log-mel features}."""
     import torch
 
-    from mmalign.audio_encoder import pool_frames
+    from mmalign.models.audio_encoder import pool_frames
 
     out: dict = {}
     for i in range(0, len(clips), batch_size):
@@ -78,7 +78,7 @@ def features(enc, clips, batch_size: int = 64):
 def main(n_train: int = 2000, n_test: int = 500) -> None:
     import torch
 
-    from mmalign.audio_encoder import FrozenAudioEncoder, build_tiny_whisper
+    from mmalign.models.audio_encoder import FrozenAudioEncoder, build_tiny_whisper
     from mmalign.data.synthetic_audio import generate_synthetic_audio
 
     torch.set_num_threads(2)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hub import local_files_only
+from ..utils import atomic_path
 from .encoders import LOAD_ERRORS, ModelLoadError, freeze, model_load_error
-from .hub import local_files_only
-from .utils import atomic_path
 
 log = logging.getLogger(__name__)
 
