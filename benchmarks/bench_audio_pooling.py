@@ -78,7 +78,8 @@ def features(enc, clips, batch_size: int = 64):
 def main(n_train: int = 2000, n_test: int = 500) -> None:
     import torch
 
-    from mmalign.models.audio_encoder import FrozenAudioEncoder, build_tiny_whisper
+    from mmalign.models.audio_encoder import FrozenAudioEncoder
+    from mmalign.standins.tiny_whisper import build_tiny_whisper
     from mmalign.data.synthetic_audio import generate_synthetic_audio
 
     torch.set_num_threads(2)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmalign.models.audio_encoder import (
-    FrozenAudioEncoder, TinyWhisperConfig, build_tiny_whisper, pool_frames, valid_samples)
+from mmalign.models.audio_encoder import FrozenAudioEncoder, pool_frames, valid_samples
 from mmalign.models.encoders import ModelLoadError
+from mmalign.standins.tiny_whisper import TinyWhisperConfig, build_tiny_whisper
 
 SR = 16000
 TINY = TinyWhisperConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64, num_mel_bins=16, chunk_length=2)

@@ -1,8 +1,8 @@
 """Frozen audio encoder: the encoder of a Whisper model (or a CLAP audio tower) -> clip feature (B, dim).
 
 Loads through the real Hugging Face path (`from_pretrained`), so `openai/whisper-base`, a local HF
-cache or a local directory all work; the offline default's tiny Whisper is built here too
-(`build_tiny_whisper`), with the same classes and files as a hub Whisper.
+cache or a local directory all work, the offline default's tiny Whisper (standins/tiny_whisper.py,
+the same classes and files as a hub Whisper) included.
 
 Whisper encodes a fixed window (30 s for the real models) of zero-padded audio; a 3 s clip would be
 90% padding if pooled over every frame. So features pool over the frames that hold audio: encoder
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +23,6 @@ import torch
 from torch import nn
 
 from ..hub import local_files_only
-from ..utils import atomic_path
 from .encoders import LOAD_ERRORS, ModelLoadError, freeze, model_load_error
 
 log = logging.getLogger(__name__)
@@ -33,72 +30,6 @@ log = logging.getLogger(__name__)
 POOLINGS = ("mean", "grid", "pooler")
 AUDIO_TOWERS = ("whisper", "clap", "clap_audio_model")
 KIND = "audio encoder"
-
-
-@dataclass
-class TinyWhisperConfig:
-    """Size of the locally built stand-in for a Whisper encoder (random init, frozen).
-
-    d_model, num_layers, num_heads, ffn_dim: encoder shape (d_model % num_heads == 0).
-    num_mel_bins: log-mel channels (80 as whisper-base). chunk_length: window in seconds; the
-    encoder then has chunk_length * 50 positions (20 ms each), so 5 s keeps CPU extraction fast.
-    init_std: std of the random weights (transformers' WhisperConfig.init_std).
-    seed: torch seed of the random init; equal configs give equal weights.
-
-    Why one layer and init_std 0.3 (Whisper's own init is 0.02): at 0.02 the random convolutions'
-    output is small beside the sinusoidal position embedding, so pooled features mostly say which
-    frames were pooled (the clip length) and a test clip's nearest train clip gets its first event
-    type right no more often than chance; each random attention layer then blurs time further.
-    Measured by benchmarks/bench_audio_pooling.py (nearest-neighbour first-event accuracy on held-out
-    test clips, chance 0.20): 4 layers at 0.02 give 0.24-0.28, 1 layer at 0.3 gives 0.40 (mean) to
-    0.51 (grid, 8 segments); 1 layer is also 4x faster than 4 on CPU.
-    """
-
-    d_model: int = 128
-    num_layers: int = 1
-    num_heads: int = 4
-    ffn_dim: int = 512
-    num_mel_bins: int = 80
-    chunk_length: int = 5
-    init_std: float = 0.3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("d_model", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "chunk_length"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"tiny_whisper.{key}={getattr(self, key)!r}: must be an integer >= 1")
-        if not self.init_std > 0:
-            raise ValueError(f"tiny_whisper.init_std={self.init_std!r}: must be > 0")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"tiny_whisper.d_model={self.d_model}: must be divisible by num_heads={self.num_heads}")
-
-
-def build_tiny_whisper(out_dir: str | Path, cfg: TinyWhisperConfig | None = None) -> Path:
-    """Build the offline stand-in for `openai/whisper-base`: a WhisperModel (tiny, random, deterministic) saved
-    with config.json + model.safetensors + preprocessor_config.json, loadable by `FrozenAudioEncoder(out_dir)`.
-
-    The decoder is a one-layer placeholder (only the encoder is used); the checkpoint keeps it so the
-    directory has exactly the layout of a hub Whisper.
-    """
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
-
-    cfg = cfg or TinyWhisperConfig()
-    extractor = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, chunk_length=cfg.chunk_length)
-    config = WhisperConfig(
-        d_model=cfg.d_model, encoder_layers=cfg.num_layers, encoder_attention_heads=cfg.num_heads,
-        encoder_ffn_dim=cfg.ffn_dim, num_mel_bins=cfg.num_mel_bins,
-        max_source_positions=extractor.nb_max_frames // 2,  # conv2 has stride 2: 500 mel frames -> 250 positions
-        decoder_layers=1, decoder_attention_heads=cfg.num_heads, decoder_ffn_dim=cfg.d_model,
-        vocab_size=8, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-        decoder_start_token_id=1, begin_suppress_tokens=None, init_std=cfg.init_std,
-    )
-    torch.manual_seed(cfg.seed)
-    model = WhisperModel(config).eval()
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        extractor.save_pretrained(tmp)
-    return out_dir
 
 
 def valid_samples(clip: np.ndarray) -> int:
