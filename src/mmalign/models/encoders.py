@@ -48,6 +48,20 @@ def model_load_error(name: str, kind: str, err: Exception) -> ModelLoadError:
         f"{PARAMS.get(kind, 'the param')} to a local directory.")
 
 
+def image_backend() -> dict[str, str]:
+    """transformers 5 picks the torchvision image backend when torchvision imports and warns, once per
+    processor, when it falls back to PIL: without torchvision, ask for PIL (the same processor) directly."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {}
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a build for another torch: the PIL backend
+        return {"backend": "pil"}
+    return {}
+
+
 def batched_pixel_values(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor | None:
     """What `processor(images)` returns, with the per-pixel float work done once for the whole batch.
 
@@ -124,7 +138,7 @@ class FrozenVisionEncoder(nn.Module):
                                      "vision towers (model_type " + ", ".join(VISION_TOWERS) + ")")
             cls = SiglipVisionModel if model_type.startswith("siglip") else CLIPVisionModel
             self.model = freeze(cls.from_pretrained(name, use_safetensors=True, **kw))  # never unpickle weights
-            self.processor = AutoImageProcessor.from_pretrained(name, **kw)
+            self.processor = AutoImageProcessor.from_pretrained(name, **kw, **image_backend())
         except LOAD_ERRORS as e:
             raise model_load_error(name, "vision encoder", e) from None
         self.has_cls = cls is CLIPVisionModel  # SigLIP has no CLS token: every output token is a patch
