@@ -72,14 +72,58 @@ def test_lean_loss_under_bf16_autocast_matches_plain(tiny_chat_llm_dir, tiny_cli
 
 def test_matryoshka_prefix_is_the_renormalised_nested_embedding(tiny_llm_dir, tiny_clip_dir):
     model = make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir), matryoshka=True)  # aligner mrl_dims [8, 16]
+    assert list(model.projector.nested_in) == ["8"]  # one input map per dim below the full one
     z = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
-    nested = model.eval().nested(z, 8)
-    torch.testing.assert_close(nested, torch.cat([F.normalize(z[:, :8], dim=-1), torch.zeros(64, 8)], 1))
-    assert torch.equal(model.nested(z), z) and torch.equal(model.nested(z, 16), z)  # eval, no dim: the full z
-    torch.manual_seed(0)
-    drawn = model.train().nested(z)  # training: each row one of the MRL dims at random
-    full = (drawn[:, 8:] != 0).any(-1)
-    assert 0 < full.sum() < 64
-    torch.testing.assert_close(drawn[full], z[full])
-    torch.testing.assert_close(drawn[~full], nested[~full])
-    make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir)).train().nested(z) is z or pytest.fail("matryoshka off: z as is")
+    padded = torch.cat([F.normalize(z[:, :8], dim=-1), torch.zeros(64, 8)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.nested(z, 8), padded)  # the map starts as zero padding
+        assert torch.equal(model.train().nested(z), z) and torch.equal(model.nested(z, 16), z)  # no dim: the full z
+        model.projector.nested_in["8"].weight.normal_()
+        assert not torch.allclose(model.nested(z, 8), padded)  # ... and is learned
+    full_only = make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir))
+    assert not len(full_only.projector.nested_in)
+    torch.testing.assert_close(full_only.nested(z, 8), padded)  # a full-dim projector: zero padding
+    full_only.train().nested(z) is z or pytest.fail("no dim: z as is")
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_matryoshka_loss_is_full_dim_loss_plus_nested_loss_and_only_the_full_dim_trains_the_projector(
+        lean, tiny_llm_dir, tiny_clip_dir, tiny_data):
+    model = make_mm(tiny_llm_dir, make_aligner(tiny_clip_dir), matryoshka=True).train()
+    with torch.no_grad():
+        model.projector.nested_in["8"].weight.normal_()  # not the zero padding the full path would also see
+    caps = caption_ids(model, [s["captions"][i % 3] for i, s in enumerate(tiny_data["train"][:5])])
+    caps[1] = caps[1][:3]
+    feats = torch.randn(5, D_VISION, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = model.aligner.vision_adapter(feats)
+    net = dict(model.projector.net.named_parameters())
+    full = model.lean_loss(model.projector(z), caps)
+    full_grads = torch.autograd.grad(full, list(net.values()))
+    torch.manual_seed(1)
+    nested = model.lean_loss(model.nested_prefix(z), caps)
+    assert not any(p.grad is not None for p in net.values())
+    torch.manual_seed(1)  # the same draw of dims inside forward
+    model.zero_grad(set_to_none=True)
+    _, loss = model(feats, caps, lean=lean)
+    torch.testing.assert_close(loss, full + nested, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for (n, p), g in zip(net.items(), full_grads):  # the shared projector: the full-dim loss's gradient only
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7, msg=n)
+    assert model.projector.nested_in["8"].weight.grad.abs().sum() > 0  # the nested loss trains the dim-8 map
+    model.eval()
+    torch.testing.assert_close(model(feats, caps, lean=lean)[1], full.detach(), rtol=1e-5, atol=1e-6)  # eval: full dim
+
+
+def test_matryoshka_projector_round_trip(tiny_llm_dir, tiny_clip_dir, tmp_path):
+    from mmalign.models.llm import MultimodalLLM
+
+    aligner = make_aligner(tiny_clip_dir)
+    model = make_mm(tiny_llm_dir, aligner, matryoshka=True)
+    with torch.no_grad():
+        model.projector.nested_in["8"].weight.normal_()
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalLLM.from_pretrained(tmp_path, aligner)
+    feats = torch.randn(3, D_VISION, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.prefix_from_features(feats, 8), model.prefix_from_features(feats, 8))

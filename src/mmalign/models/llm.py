@@ -73,7 +73,7 @@ class MultimodalLLM(nn.Module):
         self.llm = llm
         d_llm = self.llm.get_input_embeddings().embedding_dim
         self.projector = VisionToLLMProjector(aligner.cfg.d_align, d_llm, cfg.k, cfg.projector_type,
-                                              cfg.projector_hidden)
+                                              cfg.projector_hidden, aligner.cfg.mrl_dims if cfg.matryoshka else ())
         self.projector.to(next(self.llm.parameters()).device)
         self.end_id = end_token_id(tokenizer)
         self._pieces: dict[str, tuple[list[int], list[int]]] = {}
@@ -124,27 +124,34 @@ class MultimodalLLM(nn.Module):
         return self.projector(self.nested(z, dim))
 
     def nested(self, z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """z (B, d) -> z[:, :dim] re-normalised and zero-padded back to (B, d); dim None: all of z.
+        """z (B, d) -> the projector's input for z[:, :dim], (B, d); dim None or >= d: z itself.
 
-        With `cfg.matryoshka` a training batch gives each row one of the aligner's MRL dims at random, so
-        one projector captions from any of them: half the rows the largest (the default dim), the others
-        one of the smaller dims uniformly (uniform over all dims cost the default dim 0.04-0.08 CIDEr).
-        Re-normalised because Phase 1's MRL loss made each normalised prefix the embedding (so every dim
-        reaches the projector at the scale it was trained at); zero-padded so the projector keeps one
-        input layer, whose columns past `dim` then see 0.
+        The prefix is re-normalised (Phase 1's MRL loss made each normalised prefix the embedding, so every
+        dim arrives at the scale it was trained at), then mapped back to d by the Matryoshka projector's own
+        linear map for that dim (`projector.nested_in`), or else zero-padded (a full-dim-only projector).
         """
         d = z.shape[-1]
-        if dim is None and self.training and self.cfg.matryoshka:
-            dims = torch.tensor(self.aligner.cfg.mrl_dims, device=z.device)
-            p = torch.full((len(dims),), 0.5 / max(1, len(dims) - 1), device=z.device)
-            p[-1] = 0.5 if len(dims) > 1 else 1.0
-            keep = dims[torch.multinomial(p, z.shape[0], replacement=True)]  # (B,)
-        elif dim is None or dim >= d:
+        if dim is None or dim >= d:
             return z
-        else:
-            keep = torch.full((z.shape[0],), dim, device=z.device)
-        mask = torch.arange(d, device=z.device) < keep[:, None]  # (B, d)
-        return torch.nn.functional.normalize(z * mask, dim=-1)
+        small = torch.nn.functional.normalize(z[:, :dim], dim=-1)
+        if str(dim) in self.projector.nested_in:
+            return self.projector.nested_in[str(dim)](small)
+        return torch.nn.functional.pad(small, (0, d - dim))
+
+    def nested_prefix(self, z: torch.Tensor) -> torch.Tensor:
+        """Matryoshka training: each row of z (B, d) at one of the smaller MRL dims, drawn uniformly -> (B, k, H).
+
+        The shared projector runs with its weights detached, so this path trains only the per-dim input maps
+        and the shared weights get the full-dim loss's gradient only, as in a full-dim-only projector (rows
+        at a random dim that also trained the shared weights made them a compromise between dims).
+        """
+        dims = [int(d) for d in self.projector.nested_in]
+        pick = torch.randint(len(dims), (z.shape[0],), device=z.device)
+        x = z.new_zeros(z.shape)
+        for i, d in enumerate(dims):  # every map runs, on 0 rows too: DDP sees all parameters used
+            rows = pick == i
+            x = x.index_put((rows,), self.nested(z[rows], d))
+        return self.projector.forward_frozen(x)
 
     def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         with torch.no_grad():
@@ -156,12 +163,20 @@ class MultimodalLLM(nn.Module):
         """Teacher-forced next-token loss on caption tokens only. Returns (logits, loss).
 
         lean=True: the same loss from `lean_loss` (training and validation use it); logits is None.
+        A Matryoshka projector in training adds each row again at a random smaller dim (`nested_prefix`):
+        the loss is then the full-dim loss plus the nested one, logits (2B, T, V).
         """
         prefix = self.prefix_from_features(vision_features)
-        if lean:
-            return None, self.lean_loss(prefix, captions)
+        copies = 1
+        if self.training and len(self.projector.nested_in):
+            device = next(self.projector.parameters()).device
+            with torch.no_grad():
+                z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
+            prefix, captions, copies = torch.cat([prefix, self.nested_prefix(z)]), [*captions, *captions], 2
+        if lean:  # the mean over 2B rows of equal captions, times 2: full-dim loss + nested loss
+            return None, self.lean_loss(prefix, captions) * copies
         out = self.llm(**self.build_inputs(prefix, captions))
-        return out.logits, out.loss
+        return out.logits, out.loss * copies
 
     def prompt_cache_usable(self) -> bool:
         """The pre-image prompt's KV can be computed once without grad: nothing in the LLM trains (no LoRA)."""
@@ -246,6 +261,8 @@ class MultimodalLLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, aligner: VisionTextAligner, **overrides: Any) -> "MultimodalLLM":
         tensors, cfg = load_checkpoint(directory)
         model = cls(aligner, from_dict(LLMConfig, {**cfg, **overrides}, f"{directory}/config.json"))
+        if not any(k.startswith("projector.nested_in.") for k in tensors):
+            model.projector.nested_in = nn.ModuleDict()  # saved without per-dim maps: zero padding, as trained
         model.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
         lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         if lora:

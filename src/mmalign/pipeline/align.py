@@ -63,5 +63,5 @@ def run(cfg: AlignmentConfig, features_dir: Path, out_dir: Path, plots_dir: Path
         model, loader, cfg=cfg, evaluate=lambda: val_retrieval(model, val), monitor="val/mean_R1",
         save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir), on_log=tracker.log_metrics,
         **state_options(cfg, state_dir, fp["files"]))
-    write_history(history, plots_dir, tracker, "align")
+    write_history(history, plots_dir, tracker, "align", "val/mean_R1")
     return history

@@ -22,15 +22,15 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any, stage: str) -> None:
+def write_history(history: dict[str, Any], plots_dir: Path, tracker: Any, stage: str, monitor: str) -> None:
     """Per-step training terms -> loss.csv, per-epoch validation -> val.csv (DVC plots), and to MLflow;
     says which epoch the checkpoint kept. Rank 0 alone writes them in a multi-process run."""
     if not distributed.is_main_process():
         return
     best = history["best"]
     if best:
-        log.info("%s: kept epoch %d of %d (%s)", stage, best["epoch"], len(history["epochs"]),
-                 ", ".join(f"{k.replace('val/', 'val ')} {v:.4f}" for k, v in best.items() if k.startswith("val/")))
+        log.info("%s: kept epoch %d of %d (val %s %.4f); every val metric: %s", stage, best["epoch"],
+                 len(history["epochs"]), monitor.removeprefix("val/"), best[monitor], plots_dir / "val.csv")
     steps = pd.DataFrame(history["steps"]).rename(columns=lambda c: c.replace("train/", ""))
     write_csv(steps, plots_dir / "loss.csv")
     write_csv(pd.DataFrame(history["epochs"]).rename(columns=lambda c: c.replace("val/", "")), plots_dir / "val.csv")

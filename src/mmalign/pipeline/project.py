@@ -86,5 +86,5 @@ def run(cfg: ProjectConfig, aligner_dir: Path, features_dir: Path, dataset_dir: 
         on_log=on_log,
         **state_options(cfg, state_dir, sha256(aligner_dir / "model.safetensors"),
                         read_json(features_dir / "fingerprint.json")["files"]))
-    write_history(history, plots_dir, tracker, "project")
+    write_history(history, plots_dir, tracker, "project", "val/loss")
     return history

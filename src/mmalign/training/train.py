@@ -159,8 +159,10 @@ def fit(
                 save_best(epoch + 1)
                 saved_here = True
         snapshot()
-        log.info("%s epoch %d/%d: loss %.4f %s", desc, epoch + 1, num_epochs, history["steps"][-1]["train/loss"],
-                 " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        watched = f", val {monitor.removeprefix('val/')} {val[monitor]:.4f} (best: epoch {history['best']['epoch']})" \
+            if monitor in val else ""
+        log.info("%s epoch %d/%d: train loss %.4f%s", desc, epoch + 1, num_epochs, history["steps"][-1]["train/loss"],
+                 watched)
     if best_state is not None:  # end on the best weights; a resumed run may not have written them yet
         with torch.no_grad():
             for n, p in named.items():
