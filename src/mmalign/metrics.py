@@ -240,6 +240,7 @@ def caption_metrics_sets(sets: dict[str, dict[str, str]], references: dict[str, 
             cider, _ = Cider().compute_score(gts, res)
             out[name] = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
             out[name].update({"METEOR": float(meteor), "ROUGE-L": float(rouge), "CIDEr": float(cider)})
+            log.info("caption metrics %d/%d (%s): CIDEr %.3f", len(out), len(sets), name or "captions", cider)
     return out
 
 

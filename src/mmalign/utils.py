@@ -36,7 +36,7 @@ class LogProgress:
     a piped log says what runs and how far it is, in plain lines. Takes tqdm's arguments it needs."""
 
     def __init__(self, iterable: Any = None, desc: str = "", total: int | None = None, unit: str = "it",
-                 disable: bool = False, every: float = 20.0, **_: Any):
+                 disable: bool = False, every: float = 15.0, **_: Any):
         self.iterable, self.desc, self.unit, self.disable, self.every = iterable, desc, unit, disable, every
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n, self.postfix, self.logged = 0, "", False
