@@ -284,7 +284,7 @@ def export(out: Path, aligner: Path, projector: Path, no_projector: bool, copy_m
               help="The experiment to pick the best evaluate run from when TARGET is not given.")
 @click.option("--name", default="mmalign-captioner", show_default=True, help="Registered model name.")
 @click.option("--alias", default="champion", show_default=True, help="The alias the new version gets.")
-@click.option("--metric", default="image.CIDEr", show_default=True,
+@click.option("--metric", default="CIDEr", show_default=True,
               help="Headline metric (eval/metrics.json key) that picks the best run, highest first.")
 def register(target: str | None, experiment: str, name: str, alias: str, metric: str) -> None:
     """Register a trained captioner in the MLflow Model Registry and point an alias at it.

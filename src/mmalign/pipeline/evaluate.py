@@ -144,7 +144,9 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, out_dir: Pat
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The numbers a person compares (eval/metrics.json, `dvc exp show`): R@1 both ways at the full dim
-    beside chance, CIDEr trained beside blind, the distinct-caption share. Keys nest by modality."""
+    beside chance, CIDEr trained beside blind, the distinct-caption share. Flat, short keys (a `dvc exp
+    show` column each): the retrieval direction names the modality (i2t / t2i); an audio modality adds
+    a2t_R1, ..., audio_CIDEr beside them."""
     ret = metrics["retrieval"]
     out = {f"{d}_R1": ret[d]["R1"] for d in ("i2t", "t2i")}
     out |= {f"chance_{d}_R1": ret["chance"][d]["R1"] for d in ("i2t", "t2i")}
@@ -152,4 +154,4 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
         cap = metrics["captioning"]
         out |= {"CIDEr": cap["trained"]["CIDEr"], "blind_CIDEr": cap["blind"]["CIDEr"],
                 "distinct": cap["trained"]["distinct"]}
-    return {"image": out}
+    return out

@@ -50,10 +50,10 @@ def describe(run: Any) -> tuple[str, dict[str, str]]:
     def pair(key: str, base: str) -> str:
         return f"{m[key]:.3f} (vs {m[base]:.3f})" if key in m and base in m else "n/a"
 
-    lines = [f"CIDEr {pair('image.CIDEr', 'image.blind_CIDEr')} blind; distinct captions "
-             f"{m.get('image.distinct', float('nan')):.2f}",
-             f"test R@1 i2t {pair('image.i2t_R1', 'image.chance_i2t_R1')} chance, "
-             f"t2i {pair('image.t2i_R1', 'image.chance_t2i_R1')} chance",
+    lines = [f"CIDEr {pair('CIDEr', 'blind_CIDEr')} blind; distinct captions "
+             f"{m.get('distinct', float('nan')):.2f}",
+             f"test R@1 i2t {pair('i2t_R1', 'chance_i2t_R1')} chance, "
+             f"t2i {pair('t2i_R1', 'chance_t2i_R1')} chance",
              f"params sha256 {params_hash}; data {', '.join(data) or 'not logged'}",
              f"from run {run.info.run_id} ({run.data.tags.get('mmalign.pipeline', '?')}, "
              f"commit {run.data.tags.get('git.commit', '?')[:10]})"]
@@ -63,7 +63,7 @@ def describe(run: Any) -> tuple[str, dict[str, str]]:
 
 
 def register(target: str | None, experiment: str, name: str = "mmalign-captioner", alias: str = "champion",
-             metric: str = "image.CIDEr") -> Any:
+             metric: str = "CIDEr") -> Any:
     """Register the captioner of run `target` (a run id), or of the best finished evaluate run of
     experiment `target` (default `experiment`) by `metric`; set the description, tags and `alias`.
     Returns the ModelVersion."""

@@ -8,12 +8,18 @@ from pathlib import Path
 import torch
 
 from ..config import TinyCLIPConfig
+from ..models.encoders import image_backend
 from ..utils import atomic_path
 
 
 def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -> Path:
     """Build the offline stand-in for a CLIP vision tower: same classes, tiny, deterministic random init."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if image_backend():  # no torchvision: the PIL class directly (the same saved config; no fallback warning)
+        from transformers import CLIPImageProcessorPil as processor_cls
+    else:
+        from transformers import CLIPImageProcessor as processor_cls
 
     config = CLIPVisionConfig(
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -22,8 +28,8 @@ def build_tiny_clip(out_dir: str | Path, cfg: TinyCLIPConfig, image_size: int) -
     )
     torch.manual_seed(cfg.seed)
     model = CLIPVisionModel(config).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
+    processor = processor_cls(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size})
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)

@@ -155,7 +155,6 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
     initial_loss = eval_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=max(1, spec.steps // 20), num_training_steps=spec.steps)
-    log_every = max(1, spec.steps // 10)
     for step in (bar := progress_bar(range(spec.steps), desc="pretrain tiny LLM", disable=not progress)):
         idx = torch.randint(len(texts), (spec.batch_size,), generator=gen)
         loss = _batch_loss(model, ids[idx], lengths[idx])
@@ -164,9 +163,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, spec: TinyLLMSpec, pro
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{(value := loss.item()):.3f}", refresh=False)
-        if step % log_every == 0 or step == spec.steps - 1:
-            logger.info("pretrain step %d/%d loss %.4f", step + 1, spec.steps, value)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # a piped log gets it every 15 s
     final_loss = eval_loss()
     if not math.isfinite(final_loss):
         raise RuntimeError(f"tiny LLM pretraining diverged (final loss {final_loss}); "
