@@ -118,7 +118,7 @@ def test_dvc_repro_end_to_end(repo):
     assert tagged == {"align", "project", "evaluate"}
 
     # Two experiments side by side fit a 200-column terminal (the table measured unwrapped).
-    sh([*DVC, "exp", "run", "-S", "align.lr=0.003", "--name", "lr-test2"], repo)
+    sh([*DVC, "exp", "run", "-S", "align.lr=0.0025", "--name", "lr-test2"], repo)  # (the queue test uses 0.003)
     table = sh([*DVC, "exp", "show", "--only-changed", "--no-pager"], repo, env={"COLUMNS": "1000"})
     assert "lr-test2" in table and "align.lr" in table, table
     assert max(len(line.rstrip()) for line in table.splitlines()) <= 200, table
