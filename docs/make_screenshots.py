@@ -69,7 +69,7 @@ def mlflow_compare(out: Path, chromium: str) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
+        for _ in range(180):  # the server takes ~40 s to start on a busy 2-core machine
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 break
@@ -77,9 +77,11 @@ def mlflow_compare(out: Path, chromium: str) -> None:
                 time.sleep(1)
         ids = json.dumps([r.info.run_id for r in runs])
         url = f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([runs[0].info.experiment_id])}"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--window-size=1500,1300", "--virtual-time-budget=20000", f"--screenshot={out}", url],
-                       check=True, capture_output=True, timeout=180)
+        # new headless mode; a virtual-time budget lets the React app finish its fetches before the shot
+        subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1500,1200", "--virtual-time-budget=60000",
+                        "--run-all-compositor-stages-before-draw", f"--screenshot={out.resolve()}", url],
+                       check=True, capture_output=True, timeout=300)
         print(f"{out}: compare view of runs {', '.join(r.info.run_name for r in runs)}")
     finally:
         os.killpg(server.pid, 15)
