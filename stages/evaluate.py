@@ -7,18 +7,19 @@ from pathlib import Path
 import click
 
 from mmalign.entry import run_entry
-from mmalign.params import evaluate_config, load_params, prepare_config, preflight, setup_logging, tracking_config
+from mmalign.params import (enabled_dirs, evaluate_config, load_params, modality_dirs, prepare_config, preflight,
+                            setup_logging, tracking_config)
 
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--aligner", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--features", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--features", multiple=True, required=True, help="feature cache per modality, MODALITY=DIR (repeat)")
 @click.option("--projector", type=click.Path(path_type=Path, exists=True), help="Phase 2 checkpoint (captioning)")
-@click.option("--dataset", type=click.Path(path_type=Path, exists=True), help="dataset dir (test images, references)")
+@click.option("--dataset", multiple=True, help="dataset dir per modality, MODALITY=DIR (test items, references)")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="eval output dir")
-def main(params_path: str, aligner: Path, features: Path, projector: Path | None, dataset: Path | None,
-         out: Path) -> None:
+def main(params_path: str, aligner: Path, features: tuple[str, ...], projector: Path | None,
+         dataset: tuple[str, ...], out: Path) -> None:
     setup_logging()
     params = load_params(params_path)
     preflight(params)  # before the heavy imports: a bad id fails in about a second
@@ -27,11 +28,14 @@ def main(params_path: str, aligner: Path, features: Path, projector: Path | None
     from mmalign.tracking import log_prepared_dataset, stage_run
 
     cfg, tracking = evaluate_config(params), tracking_config(params)
+    caches = enabled_dirs(params, modality_dirs(features), "features")
+    datasets = enabled_dirs(params, modality_dirs(dataset), "dataset") if dataset else {}
     # The evaluate run carries every param so one table in `mlflow ui` compares experiments.
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
-        if dataset is not None:  # the test split this run scores (also the registered model's data)
-            log_prepared_dataset(tracker, prepare_config(params), dataset, splits=("test",))
-        evaluate.run(cfg, aligner, features, out, tracker, projector, dataset)
+        prepare = prepare_config(params)
+        for m, d in datasets.items():  # the test splits this run scores (also the registered model's data)
+            log_prepared_dataset(tracker, prepare.audio if m == "audio" else prepare, d, splits=("test",), modality=m)
+        evaluate.run(cfg, aligner, caches, out, tracker, projector, datasets)
         if cfg.captioning and projector is not None:  # logged, not registered: `mmalign register` is a choice
             log_captioner(tracker, aligner, projector, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 

@@ -22,17 +22,22 @@ from typing import Annotated, ClassVar, Literal, get_args
 from pydantic import Field, model_validator
 
 from .validation import (Bool, Float, Fraction, Int, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                         Str, config, fail)
+                         Str, config, fail, heads_divide)
 from .validation import fields_of, from_dict, part, unknown_key  # noqa: F401 (re-exported for config's users)
 
 # -- vocabularies: each listed here once; the modules that act on them import them ---------------------
 BUILTIN_VISION = "builtin:tiny-clip"
+BUILTIN_AUDIO = "builtin:tiny-whisper"
 BUILTIN_LLM = "builtin:tiny-qwen2"
+# The modalities paired with text, in the order every stage handles them (modalities.py: what each one is).
+MODALITIES: tuple[str, ...] = ("image", "audio")
 ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "silu": "SiLU", "tanh": "Tanh"}  # name -> its torch.nn module
 Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 VisionPooling = Literal["cls", "mean", "grid"]
+AudioPooling = Literal["mean", "grid", "pooler"]  # Whisper: mean | grid over the frames holding audio; CLAP: pooler
 DType = Literal["float32", "bfloat16", "float16"]  # torch's names (utils.DTYPES)
 Source = Literal["synthetic", "hf", "imagefolder", "webdataset"]
+AudioSource = Literal["synthetic", "hf", "audiofolder"]
 VISION_POOLINGS: tuple[str, ...] = get_args(VisionPooling)
 DTYPES: tuple[str, ...] = get_args(DType)
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -50,11 +55,38 @@ class TinyCLIPConfig:
     patch_size: PositiveInt = 8
     seed: Int = 0
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TinyCLIPConfig:
-        if self.hidden_size % self.num_heads:
-            fail("hidden_size", self.hidden_size, f"must be divisible by num_heads={self.num_heads}")
-        return self
+    _heads = model_validator(mode="after")(heads_divide("hidden_size"))
+
+
+@config("prepare.audio.tiny_whisper")
+class TinyWhisperConfig:
+    """Size of the locally built stand-in for a Whisper encoder (random init, frozen; standins/tiny_whisper.py).
+
+    d_model, num_layers, num_heads, ffn_dim: encoder shape (d_model % num_heads == 0).
+    num_mel_bins: log-mel channels (80 as whisper-base). chunk_length: window in seconds; the
+    encoder then has chunk_length * 50 positions (20 ms each), so 5 s keeps CPU extraction fast.
+    init_std: std of the random weights (transformers' WhisperConfig.init_std).
+    seed: torch seed of the random init; equal configs give equal weights.
+
+    Why one layer and init_std 0.3 (Whisper's own init is 0.02): at 0.02 the random convolutions'
+    output is small beside the sinusoidal position embedding, so pooled features mostly say which
+    frames were pooled (the clip length) and a test clip's nearest train clip gets its first event
+    type right no more often than chance; each random attention layer then blurs time further.
+    Measured by benchmarks/bench_audio_pooling.py (nearest-neighbour first-event accuracy on held-out
+    test clips, chance 0.20): 4 layers at 0.02 give 0.24-0.28, 1 layer at 0.3 gives 0.40 (mean) to
+    0.51 (grid, 8 segments); 1 layer is also 4x faster than 4 on CPU.
+    """
+
+    d_model: PositiveInt = 128
+    num_layers: PositiveInt = 1
+    num_heads: PositiveInt = 4
+    ffn_dim: PositiveInt = 512
+    num_mel_bins: PositiveInt = 80
+    chunk_length: PositiveInt = 5
+    init_std: PositiveFloat = 0.3
+    seed: Int = 0
+
+    _heads = model_validator(mode="after")(heads_divide("d_model"))
 
 
 @config("prepare.tiny_llm")
@@ -95,22 +127,45 @@ class TinyLLMSpec:
         return self
 
 
+@config("modalities")
+class ModalitiesConfig:
+    """Which modalities the pipeline carries, each paired with its captions (text). A modality that is off
+    is skipped by every stage (its prepare stage writes an empty marker), so toggling one re-runs only
+    what it feeds; each modality's prepare stage reads only its own switch."""
+
+    image: Bool = True
+    audio: Bool = True
+
+    @model_validator(mode="after")
+    def _some(self) -> ModalitiesConfig:
+        if not self.enabled:
+            fail("image/audio", (self.image, self.audio), "turn at least one modality on")
+        return self
+
+    @property
+    def enabled(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m)]
+
+
 @config("models")
 class ModelsConfig:
     """Which frozen models the pipeline uses: a hub id, a local path, or a `builtin:` stand-in."""
 
     vision: Str = BUILTIN_VISION  # builtin:tiny-clip | CLIP or SigLIP id or path (e.g. openai/clip-vit-base-patch32)
+    audio: Str = BUILTIN_AUDIO  # builtin:tiny-whisper | Whisper or CLAP id or path (e.g. openai/whisper-base)
     text: Str = "sentence-transformers/all-MiniLM-L6-v2"  # sentence-transformers id or path
     llm: Str = BUILTIN_LLM  # builtin:tiny-qwen2 | causal LM id or path (e.g. Qwen/Qwen2.5-1.5B-Instruct)
     trust_remote_code: Bool = False  # passed to from_pretrained; off unless you trust the model repo
 
     @model_validator(mode="after")
     def _names(self) -> ModelsConfig:
-        for key in ("vision", "text", "llm"):
+        for key in ("vision", "audio", "text", "llm"):
             if not getattr(self, key).strip():
                 fail(key, getattr(self, key), "must name a model id, a path or a builtin")
         if self.vision.startswith("builtin:") and self.vision != BUILTIN_VISION:
             fail("vision", self.vision, f"the only builtin vision model is {BUILTIN_VISION}")
+        if self.audio.startswith("builtin:") and self.audio != BUILTIN_AUDIO:
+            fail("audio", self.audio, f"the only builtin audio model is {BUILTIN_AUDIO}")
         if self.llm.startswith("builtin:") and self.llm != BUILTIN_LLM:
             fail("llm", self.llm, f"the only builtin LLM is {BUILTIN_LLM}")
         return self
@@ -176,6 +231,76 @@ class WebDatasetConfig:
         return [e.strip(". ").lower() for e in self.image_ext.split(";") if e.strip(". ")]
 
 
+@config("prepare.audio.hf")
+class HFAudioSourceConfig:
+    """`prepare.audio.source: hf`: a `datasets` dataset with an Audio column (AudioCaps, Clotho layouts)."""
+
+    path: Str = ""  # hub dataset id, a save_to_disk directory, or a parquet file / directory
+    name: Str | None = None
+    revision: Str | None = None
+    audio_column: Str = "audio"  # datasets.Audio (read undecoded: soundfile decodes), bytes, or file paths
+    caption_column: Str | list[Str] = "caption"  # a column of strings or lists; a list of columns: Clotho's caption_1..5
+    id_column: Str | None = None  # rows sharing an id are one clip (AudioCaps: one row per caption, `youtube_id`)
+    split_column: Str | None = None
+
+    @model_validator(mode="after")
+    def _columns(self) -> HFAudioSourceConfig:
+        columns = [self.caption_column] if isinstance(self.caption_column, str) else self.caption_column
+        if not self.audio_column.strip() or not columns or not all(c.strip() for c in columns):
+            fail("audio_column/caption_column", (self.audio_column, self.caption_column), "must name columns")
+        return self
+
+
+@config("prepare.audio.audiofolder")
+class AudioFolderConfig:
+    """`prepare.audio.source: audiofolder`: audio files + metadata.jsonl / metadata.csv (`file_name` + a caption
+    field), the Hugging Face audiofolder layout; split subfolders or one metadata file (divided by split_ratios)."""
+
+    path: Str = ""
+    caption_column: Str = "text"  # one caption or a list; several rows per file_name add up
+
+
+_AUDIO_SOURCE_PATH = {"hf": "a hub dataset id, a save_to_disk directory or a parquet file/directory",
+                      "audiofolder": "a folder with audio files and metadata.jsonl or metadata.csv"}
+
+
+@config("prepare.audio")
+class AudioPrepareConfig:
+    """The audio modality's data and frozen features (stage prepare_audio): its own keys, so an audio change
+    never re-runs image extraction and the reverse."""
+
+    source: AudioSource = "synthetic"
+    seed: Int = 0  # synthetic data; the shuffle before a ratio split
+    n_train: PositiveInt = 1500  # n_*, captions_per_clip, max_events: synthetic only
+    n_val: PositiveInt = 200
+    n_test: PositiveInt = 200
+    captions_per_clip: PositiveInt = 3
+    max_events: Annotated[Int, Field(ge=1, le=3)] = 3
+    on_bad_sample: Literal["error", "skip"] = "error"
+    splits: SplitNames = field(default_factory=SplitNames)
+    split_ratios: list[Float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    max_samples: PositiveInt | None = None  # at most this many clips per split; null: all
+    hf: HFAudioSourceConfig = field(default_factory=HFAudioSourceConfig)
+    audiofolder: AudioFolderConfig = field(default_factory=AudioFolderConfig)
+    pooling: AudioPooling = "grid"  # FrozenAudioEncoder: how encoder frames become one feature (README: audio)
+    grid: PositiveInt = 4  # time segments for pooling=grid
+    batch_size: PositiveInt = 64  # extraction batch size (operational)
+    tiny_whisper: TinyWhisperConfig = field(default_factory=TinyWhisperConfig)
+
+    @model_validator(mode="after")
+    def _source(self) -> AudioPrepareConfig:
+        if self.source != "synthetic" and not getattr(self, self.source).path.strip():
+            fail(f"{self.source}.path", getattr(self, self.source).path,
+                 f"prepare.audio.source is {self.source}: set it to {_AUDIO_SOURCE_PATH[self.source]}")
+        check_ratios(self.split_ratios)
+        return self
+
+
+def check_ratios(r: list[float]) -> None:
+    if len(r) != 3 or min(r) <= 0 or not math.isclose(sum(r), 1.0, abs_tol=1e-6):
+        fail("split_ratios", r, "need 3 shares [train, val, test], each > 0, summing to 1")
+
+
 _SOURCE_PATH = {"hf": "a hub dataset id, a save_to_disk directory or a parquet file/directory",
                 "imagefolder": "a folder with images and metadata.jsonl or metadata.csv",
                 "webdataset": "a folder, glob or brace pattern of .tar shards"}
@@ -207,15 +332,14 @@ class PrepareConfig:
     num_workers: NonNegativeInt = 0  # workers decoding/checking images and preprocessing them for extraction
     tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
     tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)
+    audio: AudioPrepareConfig = field(default_factory=AudioPrepareConfig)
 
     @model_validator(mode="after")
     def _source(self) -> PrepareConfig:
         if self.source != "synthetic" and not getattr(self, self.source).path.strip():
             fail(f"{self.source}.path", getattr(self, self.source).path,
                   f"prepare.source is {self.source}: set it to {_SOURCE_PATH[self.source]}")
-        r = self.split_ratios
-        if len(r) != 3 or min(r) <= 0 or not math.isclose(sum(r), 1.0, abs_tol=1e-6):
-            fail("split_ratios", r, "need 3 shares [train, val, test], each > 0, summing to 1")
+        check_ratios(self.split_ratios)
         return self
 
 
@@ -245,12 +369,20 @@ class AlignTrainConfig(TrainingConfig):
     clip_weight: NonNegativeFloat = 1.0
     mrl_weight: NonNegativeFloat = 1.0
     mrl_weights: list[NonNegativeFloat] | None = None  # one per mrl dim; None = equal weights
+    # each (modality, text) pair's share of the loss (pairs of a modality that is off are ignored)
+    pair_weights: dict[Literal[MODALITIES], NonNegativeFloat] = field(  # type: ignore[valid-type]
+        default_factory=lambda: {m: 1.0 for m in MODALITIES})
 
     @model_validator(mode="after")
     def _loss_weights(self) -> AlignTrainConfig:
         if self.clip_weight + self.mrl_weight == 0:
             fail("clip_weight/mrl_weight", (self.clip_weight, self.mrl_weight), "must not both be 0")
+        if not any(self.pair_weights.values()):
+            fail("pair_weights", self.pair_weights, "at least one (modality, text) pair needs a weight > 0")
         return self
+
+    def pair_weight(self, modality: str) -> float:
+        return self.pair_weights.get(modality, 1.0)
 
 
 @config("project")
@@ -267,21 +399,37 @@ class ProjectTrainConfig(TrainingConfig):
 
 
 # -- Phase 1: the aligner --------------------------------------------------------------------------------
+@config("align.encoders")
+class EncoderSpec:
+    """A frozen encoder as the aligner loads it lazily (for raw inputs): name/path, feature size, pooling."""
+
+    model_name: Str
+    dim: PositiveInt | None = None
+    pooling: Str = "mean"
+    grid: PositiveInt = 4
+
+
 @config("align")
 class AlignerConfig:
     """Phase 1 model: frozen encoders -> MLP adapters -> a shared space of size `d_align`; what
-    VisionTextAligner.from_pretrained reads. `vision_dim`/`text_dim`: filled in from the encoders."""
+    VisionTextAligner.from_pretrained reads. `vision_dim`/`text_dim`: filled in from the encoders.
+
+    modalities: which modalities have an adapter (each paired with text). The image's frozen encoder is
+    the `vision_*` fields (the seed's names); every other modality's is its entry in `encoders`.
+    """
 
     # The frozen encoders are chosen by `models` and pooled by `prepare`: the align stage takes them from
-    # the feature cache, so the align section may not set them. Defaults: the seed's Quick Start models.
+    # the feature caches, so the align section may not set them. Defaults: the seed's Quick Start models.
     GIVEN: ClassVar[tuple[str, ...]] = ("vision_model_name", "text_model_name", "vision_dim", "text_dim",
-                                        "vision_pooling", "vision_grid")
+                                        "vision_pooling", "vision_grid", "modalities", "encoders")
     vision_model_name: Str = "openai/clip-vit-base-patch32"
     text_model_name: Str = "sentence-transformers/all-MiniLM-L6-v2"
     vision_dim: PositiveInt | None = None
     text_dim: PositiveInt | None = None
     vision_pooling: VisionPooling = "cls"  # CLIP's own pooled output; the pipeline's builtin stand-in uses grid
     vision_grid: PositiveInt = 4
+    modalities: list[Literal[MODALITIES]] = field(default_factory=lambda: ["image"])  # type: ignore[valid-type]
+    encoders: dict[Str, EncoderSpec] = field(default_factory=dict)
     d_align: PositiveInt = 256
     hidden_dim: PositiveInt = 512  # adapter hidden width
     depth: PositiveInt = 2  # linear layers per adapter (1 = a single linear map)
@@ -298,7 +446,18 @@ class AlignerConfig:
             fail("mrl_dims", dims, f"must be strictly ascending, each in 1..d_align={self.d_align}")
         if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
             fail("logit_scale_init", self.logit_scale_init, f"must be in [1, logit_scale_max={self.logit_scale_max}]")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            fail("modalities", self.modalities, f"need distinct modalities from {', '.join(MODALITIES)}")
+        missing = [m for m in self.modalities if m != "image" and m not in self.encoders]
+        if missing:
+            fail("encoders", sorted(self.encoders), f"need an encoder for {', '.join(missing)}")
         return self
+
+    def encoder(self, modality: str) -> EncoderSpec:
+        """The frozen encoder of `modality` (the image's: the seed's vision_* fields)."""
+        if modality == "image":
+            return EncoderSpec(self.vision_model_name, self.vision_dim, self.vision_pooling, self.vision_grid)
+        return self.encoders[modality]
 
 
 @config("align")
@@ -341,10 +500,15 @@ class LLMConfig:
     freeze_llm: Bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompt: Str = "Describe this image:"
+    prompts: dict[Literal[MODALITIES], Str] = field(  # type: ignore[valid-type]
+        default_factory=lambda: {"audio": "Describe this sound:"})  # per modality; the rest use `prompt`
     max_caption_tokens: Annotated[Int, Field(ge=2)] = 64
     trust_remote_code: Bool = False
     dtype: DType = "float32"  # the LLM's weights
     matryoshka: Bool = False  # train the projector on nested prefixes z[:, :d] of every align.mrl_dims d
+
+    def prompt_for(self, modality: str = "image") -> str:
+        return self.prompts.get(modality, self.prompt)
 
     @model_validator(mode="after")
     def _lora_to_finetune(self) -> LLMConfig:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from typing import Any, Iterator, NamedTuple
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,17 @@ def recall_summary(ranks: TiedRanks | torch.Tensor, ks=(1, 5, 10)) -> dict[str, 
     """Expected recall and rank under uniformly random tie-breaking, averaged over queries.
 
     ranks: TiedRanks, or plain 1-based ranks (Q,) without ties. Returns {"Rk" (R@k): mean P(rank <= k),
-    "mean_rank": mean E[rank]}, E[rank] = above + (p+q+1)/(p+1). Without ties both are the usual
-    fraction of ranks <= k and mean rank.
+    "mean_rank": mean E[rank], "median_rank": median over queries of E[rank]}, E[rank] = above + (p+q+1)/(p+1).
+    Without ties these are the usual fraction of ranks <= k, mean rank and median rank.
     """
     r = ranks if isinstance(ranks, TiedRanks) else TiedRanks.untied(ranks)
     if r.above.numel() == 0:
         raise ValueError("recall_summary needs at least one rank")
     out = {f"R{k}": float(_recall_at(r, k).mean()) for k in ks}
     above, p, q = (t.detach().cpu().double() for t in r)
-    out["mean_rank"] = float((above + (p + q + 1) / (p + 1)).mean())
+    expected = above + (p + q + 1) / (p + 1)  # (Q,) E[rank] of each query
+    out["mean_rank"] = float(expected.mean())
+    out["median_rank"] = float(np.median(expected.numpy()))  # MedR as np.median (even Q: the middle two's mean)
     return out
 
 
@@ -210,15 +213,25 @@ def caption_metrics_sets(sets: dict[str, dict[str, str]], references: dict[str, 
     """caption_metrics for several prediction sets against the same references ({name: predictions}
     -> {name: metrics}), each equal to its own caption_metrics call, with one PTB tokenizer run and
     one METEOR JVM for all of them (each JVM start costs seconds)."""
-    for predictions in sets.values():
-        _check_ids(predictions, references)
-    for i, refs in references.items():
-        if not any(r.strip() for r in refs):
-            raise ValueError(f"references for id {i!r} are empty")
-    n_blank = sum(not r.strip() for refs in references.values() for r in refs)
-    if n_blank:
-        log.warning("caption_metrics: %d blank reference captions are scored as empty references "
-                    "(as pycocoevalcap does)", n_blank)
+    return caption_metrics_groups({"": (sets, references)})[""]
+
+
+def caption_metrics_groups(groups: dict[str, tuple[dict[str, dict[str, str]], dict[str, list[str]]]]
+                           ) -> dict[str, dict[str, dict[str, float]]]:
+    """caption_metrics_sets for groups of sets that each have their own references (the test splits of several
+    modalities: {group: (sets, references)} -> {group: {name: metrics}}), with one PTB tokenizer run and one
+    METEOR JVM in all. Each group is scored against its own references only (CIDEr's document frequencies
+    come from the references scored), so every number equals its own caption_metrics call."""
+    for sets, references in groups.values():
+        for predictions in sets.values():
+            _check_ids(predictions, references)
+        for i, refs in references.items():
+            if not any(r.strip() for r in refs):
+                raise ValueError(f"references for id {i!r} are empty")
+        n_blank = sum(not r.strip() for refs in references.values() for r in refs)
+        if n_blank:
+            log.warning("caption_metrics: %d blank reference captions are scored as empty references "
+                        "(as pycocoevalcap does)", n_blank)
     if shutil.which("java") is None:
         raise RuntimeError("caption_metrics needs Java 17 for the METEOR scorer and the PTB tokenizer: "
                            "apt-get install openjdk-17-jre-headless")
@@ -227,20 +240,27 @@ def caption_metrics_sets(sets: dict[str, dict[str, str]], references: dict[str, 
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
-    out = {}
+    out: dict[str, dict[str, dict[str, float]]] = {g: {} for g in groups}
+    total, done = sum(len(sets) for sets, _ in groups.values()), 0
     with _quiet_java():
-        gts = _tokenize(references)
-        tokenized = _tokenize({(name, i): [p] for name, preds in sets.items() for i, p in preds.items()})
+        tokenized = _tokenize({**{("ref", g, i): refs for g, (_, references) in groups.items()
+                                  for i, refs in references.items()},
+                               **{("pred", g, name, i): [p] for g, (sets, _) in groups.items()
+                                  for name, preds in sets.items() for i, p in preds.items()}})
         meteor_scorer = Meteor()
-        for name, preds in sets.items():
-            res = {i: tokenized[(name, i)] for i in preds}
-            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-            meteor, _ = meteor_scorer.compute_score(gts, res)
-            rouge, _ = Rouge().compute_score(gts, res)
-            cider, _ = Cider().compute_score(gts, res)
-            out[name] = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-            out[name].update({"METEOR": float(meteor), "ROUGE-L": float(rouge), "CIDEr": float(cider)})
-            log.info("caption metrics %d/%d (%s): CIDEr %.3f", len(out), len(sets), name or "captions", cider)
+        for g, (sets, references) in groups.items():
+            gts = {i: tokenized[("ref", g, i)] for i in references}
+            for name, preds in sets.items():
+                res = {i: tokenized[("pred", g, name, i)] for i in preds}
+                bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+                meteor, _ = meteor_scorer.compute_score(gts, res)
+                rouge, _ = Rouge().compute_score(gts, res)
+                cider, _ = Cider().compute_score(gts, res)
+                out[g][name] = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+                out[g][name].update({"METEOR": float(meteor), "ROUGE-L": float(rouge), "CIDEr": float(cider)})
+                done += 1
+                log.info("caption metrics %d/%d (%s): CIDEr %.3f", done, total, " ".join(x for x in (g, name) if x)
+                         or "captions", cider)
     return out
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import yaml
 
-from .config import (AlignmentConfig, EvaluateConfig, ModelsConfig, PrepareConfig, ProjectConfig, TrackingConfig,
-                     from_dict, unknown_key)
+from .config import (AlignmentConfig, EvaluateConfig, ModalitiesConfig, ModelsConfig, PrepareConfig, ProjectConfig,
+                     TrackingConfig, from_dict, unknown_key)
 
-SECTIONS = ("models", "prepare", "align", "project", "evaluate", "tracking")
+SECTIONS = ("modalities", "models", "prepare", "align", "project", "evaluate", "tracking")
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -29,6 +29,10 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         if key not in SECTIONS:
             raise ValueError(unknown_key(path.name, key, list(SECTIONS)))
     return params
+
+
+def modalities_config(params: dict[str, Any]) -> ModalitiesConfig:
+    return from_dict(ModalitiesConfig, params.get("modalities"))
 
 
 def models_config(params: dict[str, Any]) -> ModelsConfig:
@@ -61,21 +65,50 @@ def tracking_config(params: dict[str, Any]) -> TrackingConfig:
     return from_dict(TrackingConfig, params.get("tracking"))
 
 
+def modality_dirs(values: tuple[str, ...] | list[str]) -> dict[str, Path]:
+    """A stage's `--features image=data/features --features audio=data/audio/features` -> {modality: dir}; a bare
+    path is the image's (the one-modality pipeline's command lines)."""
+    from .modalities import modality
+
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name, path = (name, path) if sep else ("image", value)
+        modality(name)  # an unknown modality name fails here, naming the allowed ones
+        if not Path(path).exists():
+            raise ValueError(f"{name} directory '{path}' does not exist: run `dvc repro` (the prepare stages write it)")
+        out[name] = Path(path)
+    return out
+
+
+def enabled_dirs(params: dict[str, Any], dirs: dict[str, Path], what: str) -> dict[str, Path]:
+    """The dirs of the modalities that are on, in modality order; one of them missing is an error."""
+    enabled = modalities_config(params).enabled
+    missing = [m for m in enabled if m not in dirs]
+    if missing:
+        raise ValueError(f"modalities.{missing[0]} is on but no {what} directory was given for it "
+                         f"(--{what} {missing[0]}=DIR): check the stage's cmd in dvc.yaml")
+    return {m: dirs[m] for m in enabled}
+
+
 def validate_all(params: dict[str, Any]) -> None:
     """Check every section, so a typo anywhere fails before the first stage does any work."""
-    models_config(params), prepare_config(params), align_config(params)
+    modalities_config(params), models_config(params), prepare_config(params), align_config(params)
     project_config(params), evaluate_config(params), tracking_config(params)
 
 
-def preflight(params: dict[str, Any], data: bool = False) -> None:
-    """Validate every section, then check every model id (and with `data`, the data source) in seconds:
-    each stage calls this before any work, so a bad id stops the first stage that runs."""
+def preflight(params: dict[str, Any], data: bool = False, modalities: list[str] | None = None) -> None:
+    """Validate every section, then check every model id of the enabled modalities (and with `data`, their
+    data sources) in seconds: each stage calls this before any work, so a bad id stops the first stage
+    that runs. `modalities`: the ones to check (default: every enabled one)."""
+    from .modalities import modality
     from .preflight import check_data, check_models
 
     validate_all(params)
-    check_models(models_config(params))
+    enabled = modalities_config(params).enabled if modalities is None else modalities
+    check_models(models_config(params), (*(modality(m).model_key for m in enabled), "text", "llm"))
     if data:
-        check_data(prepare_config(params))
+        check_data(prepare_config(params), enabled)
 
 
 def setup_logging() -> None:

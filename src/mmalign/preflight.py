@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import ModelsConfig, PrepareConfig
 from .hub import hub_unreachable, offline_flag, resolve_text_model
 
-KINDS = {"vision": "vision encoder", "text": "text encoder", "llm": "LLM"}
+KINDS = {"vision": "vision encoder", "audio": "audio encoder", "text": "text encoder", "llm": "LLM"}
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -80,8 +80,17 @@ def check_models(models: ModelsConfig, keys: tuple[str, ...] = ("vision", "text"
             raise ValueError(f"models.{key}='{name}' ({KINDS[key]}) {problem}")
 
 
-def check_data(cfg: PrepareConfig) -> None:
-    """The data source's path exists (or, for `hf`, is a hub id that can be reached or is cached)."""
+def check_data(cfg: PrepareConfig, modalities: list[str] | tuple[str, ...] = ("image",)) -> None:
+    """Each enabled modality's data source exists (for `hf`, a hub id that can be reached or is cached)."""
+    if "audio" in modalities:
+        a = cfg.audio
+        if a.source == "audiofolder" and not Path(a.audiofolder.path).expanduser().is_dir():
+            raise ValueError(f"prepare.audio.audiofolder.path='{a.audiofolder.path}' is not a directory. Fix: point it "
+                             "at a folder of audio files with metadata.jsonl or metadata.csv")
+        if a.source == "hf":
+            check_hf_path(a.hf.path, "prepare.audio.hf.path")
+    if "image" not in modalities:
+        return
     if cfg.source == "imagefolder":
         path = Path(cfg.imagefolder.path).expanduser()
         if not path.is_dir():
@@ -92,15 +101,20 @@ def check_data(cfg: PrepareConfig) -> None:
 
         shard_paths(cfg.webdataset.path)  # raises naming the pattern when it matches no shard
     elif cfg.source == "hf":
-        path = Path(cfg.hf.path).expanduser()
-        if path.exists() or not hub_unreachable():
-            return
-        import datasets
+        check_hf_path(cfg.hf.path, "prepare.hf.path")
 
-        cached = Path(datasets.config.HF_DATASETS_CACHE) / cfg.hf.path.replace("/", "___")
-        if not cached.exists():
-            raise ValueError(
-                f"prepare.hf.path='{cfg.hf.path}' is not a local path and not in the datasets cache, and "
-                f"{'HF_HUB_OFFLINE is set' if offline_flag() else 'the hub is unreachable'}. Fix: load it once where "
-                "the hub is reachable, point HF_HOME at a cache that has it, or give a save_to_disk directory or "
-                "parquet files")
+
+def check_hf_path(value: str, key: str) -> None:
+    """A `datasets` source: a local path, or a hub id that the hub or the datasets cache can serve."""
+    path = Path(value).expanduser()
+    if path.exists() or not hub_unreachable():
+        return
+    import datasets
+
+    cached = Path(datasets.config.HF_DATASETS_CACHE) / value.replace("/", "___")
+    if not cached.exists():
+        raise ValueError(
+            f"{key}='{value}' is not a local path and not in the datasets cache, and "
+            f"{'HF_HUB_OFFLINE is set' if offline_flag() else 'the hub is unreachable'}. Fix: load it once where "
+            "the hub is reachable, point HF_HOME at a cache that has it, or give a save_to_disk directory or "
+            "parquet files")

@@ -59,9 +59,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """What a stage logs to. With `active=False` every call is a no-op (tracking disabled/failed)."""
 
+    FLUSH_AT = 900  # buffered step metrics sent in one log_batch (MLflow takes at most 1000 a call)
+
     def __init__(self, mlflow: Any = None):
         self.mlflow = mlflow
         self.active = mlflow is not None
+        self._pending: list[Any] = []  # per-step training metrics, sent in batches (one sqlite write each)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:
@@ -71,10 +74,32 @@ class Tracker:
                 self.mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.active:
-            clean = {k: float(v) for k, v in flatten(metrics).items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.mlflow.log_metrics(clean, step=step)
+        """Metrics with a `step` (training curves) are buffered and sent every FLUSH_AT values and when the run
+        ends, with the time they were logged: one store write per ~100 steps instead of one per step (a
+        sqlite write per step cost 10% of the project stage); the rest are sent at once."""
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if step is None:
+            self.mlflow.log_metrics(clean)
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, v, now, step) for k, v in clean.items()]
+        if len(self._pending) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered step metrics (stage_run calls this when the run ends, failed or not)."""
+        if self.active and self._pending:
+            run_id = self.mlflow.active_run().info.run_id
+            for i in range(0, len(self._pending), 1000):
+                self.mlflow.MlflowClient().log_batch(run_id, metrics=self._pending[i:i + 1000])
+            self._pending = []
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -120,25 +145,30 @@ class Tracker:
 
 
 def dataset_splits(dataset_dir: str | Path) -> dict[str, Any]:
-    """An HF dataset saved by `prepare` -> {split: DataFrame of its non-image columns (ids, captions)}."""
+    """An HF dataset saved by `prepare` -> {split: DataFrame of its columns but the media (ids, captions)}."""
     import datasets
 
+    def media(f: Any) -> bool:  # images, audio file bytes
+        return isinstance(f, datasets.Image) or (isinstance(f, datasets.Value) and f.dtype in ("binary", "large_binary"))
+
     dd = datasets.load_from_disk(str(dataset_dir))
-    return {name: split.remove_columns([c for c, f in split.features.items() if isinstance(f, datasets.Image)])
-            .to_pandas() for name, split in dd.items()}
+    return {name: split.remove_columns([c for c, f in split.features.items() if media(f)]).to_pandas()
+            for name, split in dd.items()}
 
 
 def log_prepared_dataset(tracker: Tracker, prepare_cfg: Any, dataset_dir: str | Path,
-                         splits: tuple[str, ...] | None = None) -> None:
+                         splits: tuple[str, ...] | None = None, modality: str = "image") -> None:
     """Log the dataset `prepare` wrote (all splits, or `splits`) as the run's inputs, named by where the
-    data came from: `synthetic`, or the hf/imagefolder/webdataset path or hub id."""
+    data came from: `synthetic` (`synthetic-audio`, ...), or the source's path or hub id. `prepare_cfg`:
+    the modality's prepare section (`prepare`, `prepare.audio`)."""
     if not tracker.active:
         return
     source = prepare_cfg.source
     origin = str(dataset_dir) if source == "synthetic" else getattr(prepare_cfg, source).path
     frames = dataset_splits(dataset_dir)
+    synthetic = "synthetic" if modality == "image" else f"synthetic-{modality}"
     tracker.log_dataset({k: v for k, v in frames.items() if splits is None or k in splits},
-                        name=source if source == "synthetic" else origin, source=origin,
+                        name=synthetic if source == "synthetic" else origin, source=origin,
                         hub=source == "hf" and not Path(origin).expanduser().exists())
 
 
@@ -267,6 +297,9 @@ def stage_run(stage: str, experiment: str, required: bool = True, params: dict[s
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status=status)
-        mlflow.MlflowClient().set_terminated(parent_id, status=status)  # the parent ends with its last stage
+        try:
+            tracker.flush()
+        finally:
+            mlflow.end_run(status=status)
+            mlflow.MlflowClient().set_terminated(parent_id, status=status)  # the parent ends with its last stage
         log.info("MLflow run %s (%s) logged to %s", run.info.run_id, stage, uri)

@@ -71,7 +71,7 @@ def _config_at(cls: Any, loc: tuple) -> Any:
 
 def _one_line(error: ValidationError, cls: type, section: str, exclude: tuple[str, ...] = ()) -> str:
     err = error.errors(include_url=False)[0]
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if p != "[key]")  # a mapping's bad key: the key itself ends the path
     where = section + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
     if err["type"] == "value_error":  # a cross-field validator (fail): its message starts with the key
         return f"{where}.{err['ctx']['error']}"
@@ -129,3 +129,12 @@ def part(cfg: Any, cls: type[T]) -> T:
 
 def fields_of(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def heads_divide(width: str, heads: str = "num_heads") -> Any:
+    """A model validator: config.<width> must be a multiple of config.<heads> (attention head size)."""
+    def check(self: Any) -> Any:
+        if getattr(self, width) % getattr(self, heads):
+            fail(width, getattr(self, width), f"must be divisible by {heads}={getattr(self, heads)}")
+        return self
+    return check

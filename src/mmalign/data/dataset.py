@@ -92,6 +92,39 @@ class FeaturePairBatches:
             yield {"vision_features": self.vision[idx], "text_features": self.text[caption_idx[idx]]}
 
 
+class PairBatches:
+    """Each step, one FeaturePairBatches batch of every modality: {"<modality>.features", "<modality>.text"}.
+
+    An epoch is as long as the largest modality's; a smaller one starts over within the epoch (its k-th
+    pass of epoch e is its own epoch e * passes + k), so every step has a batch of every modality and
+    epoch e is still a pure function of (seed, e).
+    """
+
+    def __init__(self, loaders: dict[str, FeaturePairBatches]):
+        self.loaders, self.epoch = loaders, 0
+
+    def __len__(self) -> int:
+        return max(len(loader) for loader in self.loaders.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _stream(self, loader: FeaturePairBatches) -> Iterator[dict[str, torch.Tensor]]:
+        passes = -(-len(self) // len(loader))
+        for k in range(passes):
+            loader.set_epoch(self.epoch * passes + k)
+            yield from loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        streams = {m: self._stream(loader) for m, loader in self.loaders.items()}
+        for _ in range(len(self)):
+            batch = {}
+            for m, stream in streams.items():
+                b = next(stream)
+                batch[f"{m}.features"], batch[f"{m}.text"] = b["vision_features"], b["text_features"]
+            yield batch
+
+
 class CaptionBatches:
     """Batches of (cached vision feature, caption token ids): every caption once per epoch.
 
@@ -100,17 +133,19 @@ class CaptionBatches:
     length before it is cut into batches, and the batches are shuffled (HF's LengthGroupedSampler):
     rows of a batch have similar lengths, so little of a step is padding. Unshuffled (val), batches
     are simply in length order. megabatch 4, not HF's 50: on the default data (141 batches an epoch)
-    it still cuts the positions run by 26% (50: 34%) while batches stay mixed. Yields {"vision_features": (B, Dv), "captions": list of B id lists}.
+    it still cuts the positions run by 26% (50: 34%) while batches stay mixed. Yields {key: (B, Dv) rows of
+    `vision`, "captions": list of B id lists} (+ "modality" when given). `vision`: cached features
+    (key "vision_features") or the aligned embeddings z of the items (key "z", what the project stage uses).
     """
 
     def __init__(self, vision: torch.Tensor, captions: list[list[int]], text_to_image: torch.Tensor,
                  batch_size: int, seed: int = 0, shuffle: bool = True, group_by_length: bool = False,
-                 megabatch: int = 4):
+                 megabatch: int = 4, key: str = "vision_features", modality: str | None = None):
         if len(captions) != len(text_to_image):
             raise ValueError(f"{len(captions)} captions but {len(text_to_image)} caption->image indices")
         self.vision, self.captions, self.t2i = vision, captions, text_to_image
         self.batch_size, self.seed, self.shuffle, self.epoch = batch_size, seed, shuffle, 0
-        self.group_by_length, self.megabatch = group_by_length, megabatch
+        self.group_by_length, self.megabatch, self.key, self.modality = group_by_length, megabatch, key, modality
         self.lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)  # (M,)
 
     def __len__(self) -> int:
@@ -135,5 +170,29 @@ class CaptionBatches:
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        tag = {"modality": self.modality} if self.modality else {}
         for idx in self.batch_indices():
-            yield {"vision_features": self.vision[self.t2i[idx]], "captions": [self.captions[i] for i in idx.tolist()]}
+            yield {self.key: self.vision[self.t2i[idx]], "captions": [self.captions[i] for i in idx.tolist()], **tag}
+
+
+class MixedBatches:
+    """The batches of several loaders (one per modality), each epoch in one seeded random order: every
+    batch holds one modality (its own prompt), the epoch holds all of them."""
+
+    def __init__(self, loaders: dict[str, Any], seed: int = 0):
+        self.loaders, self.seed, self.epoch = loaders, seed, 0
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for loader in self.loaders.values():
+            loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
+        order = [m for m, loader in self.loaders.items() for _ in range(len(loader))]
+        streams = {m: iter(loader) for m, loader in self.loaders.items()}
+        for i in torch.randperm(len(order), generator=g).tolist():
+            yield next(streams[order[i]])

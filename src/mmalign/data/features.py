@@ -1,8 +1,9 @@
 """Feature cache: run the frozen encoders once per dataset, train both phases from the result.
 
-Layout of a cache directory:
-  <split>.safetensors   vision (N, Dv) float32, text (M, Dt) float32, text_to_image (M,) int64
-  fingerprint.json      models, preprocessing, dataset fingerprints, and a sha256 per split file
+One cache directory per modality (image, audio: modalities.py), one file per split:
+  <split>.safetensors   features (N, D) of the modality's frozen encoder, text (M, Dt) of the captions,
+                        text_to_item (M,) int64: the item (image, clip) each caption describes
+  fingerprint.json      modality, models, pooling, preprocessing, dataset fingerprints, a sha256 per file
 A cache whose fingerprint or checksum does not match is rebuilt, never trusted (FuseMix and
 ClipCap train from precomputed features the same way).
 """
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from ..models.encoders import FrozenTextEncoder, FrozenVisionEncoder
+from ..models.encoders import FrozenTextEncoder
 from ..training import distributed
 from ..utils import DTYPES, atomic_path, prefetch, progress, read_json
 
@@ -100,13 +101,20 @@ class StreamedRows:
 
 @dataclass
 class Features:
-    vision: torch.Tensor | StreamedRows  # (N, Dv)
+    """One split of one modality's cache: item features, caption features, which item each caption is of."""
+
+    items: torch.Tensor | StreamedRows  # (N, D) frozen-encoder features of the images / clips
     text: torch.Tensor | StreamedRows  # (M, Dt)
-    text_to_image: torch.Tensor  # (M,) image index of each caption
+    text_to_item: torch.Tensor  # (M,) item index of each caption
 
     @property
-    def num_images(self) -> int:
-        return self.vision.shape[0]
+    def num_items(self) -> int:
+        return self.items.shape[0]
+
+    # the image modality's names (the seed's vocabulary), kept for code written against them
+    vision = property(lambda self: self.items)
+    text_to_image = property(lambda self: self.text_to_item)
+    num_images = num_items
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -128,18 +136,20 @@ def model_fingerprint(name: str) -> str:
     return h.hexdigest()
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, split: Any):
-        self.split = split
+class _Column(torch.utils.data.Dataset):
+    """One column of an HF dataset split: the media (PIL images, audio file bytes) the encoder preprocesses."""
+
+    def __init__(self, split: Any, column: str):
+        self.split, self.column = split.select_columns([column]), column
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        return self.split[i]["image"]
+        return self.split[i][self.column]
 
     def __getitems__(self, indices: list[int]) -> list:  # the DataLoader fetches a batch in one Arrow read
-        return self.split[indices]["image"]
+        return self.split[indices][self.column]
 
 
 def _batches(n: int, size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -149,22 +159,29 @@ def _batches(n: int, size: int, rank: int = 0, world: int = 1) -> list[list[int]
 
 
 @torch.inference_mode()
-def encode_images(split: Any, vision: FrozenVisionEncoder, batch_size: int, num_workers: int = 0,
-                  desc: str = "", overlap: bool = True, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
-    """The vision features of this rank's batches of an HF dataset split's `image` column, (B, dim) each.
+def encode_items(split: Any, encoder: Any, column: str, batch_size: int, num_workers: int = 0, desc: str = "",
+                 overlap: bool = True, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """The features of this rank's batches of an HF dataset split's media `column`, (B, dim) each.
 
+    `encoder`: a frozen encoder (preprocess(list of column values) -> batch, forward(batch) -> (B, dim)).
     With `overlap`, the next batch is decoded + preprocessed in a thread while this one runs through
     the encoder (benchmarks/bench_extraction.py measures both ways).
     """
-    loader = DataLoader(_Images(split.select_columns(["image"])), batch_sampler=_batches(len(split), batch_size,
-                        rank, world), num_workers=num_workers, collate_fn=vision.preprocess)  # decode + preprocess
+    loader = DataLoader(_Column(split, column), batch_sampler=_batches(len(split), batch_size, rank, world),
+                        num_workers=num_workers, collate_fn=encoder.preprocess)  # decode + preprocess
     batches = prefetch(loader) if overlap else loader
-    return [vision(px).cpu() for px in progress(batches, total=len(loader), desc=f"vision features {desc}",
-                                                unit="batch")]
+    return [encoder(x).cpu() for x in progress(batches, total=len(loader), desc=f"{column} features {desc}",
+                                               unit="batch")]
 
 
-def _text_to_image(captions: list[list[str]]) -> torch.Tensor:
-    """(M,) image index of each caption, captions flattened in order."""
+def encode_images(split: Any, vision: Any, batch_size: int, num_workers: int = 0, desc: str = "",
+                  overlap: bool = True, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """encode_items over the `image` column (benchmarks call it by this name)."""
+    return encode_items(split, vision, "image", batch_size, num_workers, desc, overlap, rank, world)
+
+
+def _text_to_item(captions: list[list[str]]) -> torch.Tensor:
+    """(M,) item index of each caption, captions flattened in order."""
     return torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
 
 
@@ -172,13 +189,14 @@ TEXT_CHUNK = 2048  # captions per sentence-transformers call
 
 
 @torch.inference_mode()
-def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, batch_size: int,
+def encode_split(split: Any, encoder: Any, text: FrozenTextEncoder, column: str, batch_size: int,
                  num_workers: int = 0, desc: str = "", rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """Run both frozen encoders over one HF dataset split (columns: image, captions).
+    """Run the modality's frozen encoder and the text encoder over one HF dataset split (columns: `column`,
+    captions).
 
-    With world > 1, this rank's share only: tensors `vision.<batch>` and `text.<chunk>` (merge_shards
+    With world > 1, this rank's share only: tensors `features.<batch>` and `text.<chunk>` (merge_shards
     puts the shares of all ranks back in order)."""
-    v = encode_images(split, vision, batch_size, num_workers, desc, rank=rank, world=world)
+    v = encode_items(split, encoder, column, batch_size, num_workers, desc, rank=rank, world=world)
     captions = split["captions"]
     flat = [c for caps in captions for c in caps]
     # Large chunks: sentence-transformers sorts each call's texts by length before batching, so
@@ -187,10 +205,10 @@ def encode_split(split: Any, vision: FrozenVisionEncoder, text: FrozenTextEncode
     t = [text(flat[c[0]:c[-1] + 1], batch_size=64).cpu()
          for c in progress(chunks, desc=f"text features {desc}", unit="chunk")]
     if world > 1:
-        return {**{f"vision.{rank + i * world}": x for i, x in enumerate(v)},
+        return {**{f"features.{rank + i * world}": x for i, x in enumerate(v)},
                 **{f"text.{rank + i * world}": x for i, x in enumerate(t)}}
-    return {"vision": torch.cat(v).contiguous(), "text": torch.cat(t).contiguous(),
-            "text_to_image": _text_to_image(captions)}
+    return {"features": torch.cat(v).contiguous(), "text": torch.cat(t).contiguous(),
+            "text_to_item": _text_to_item(captions)}
 
 
 def merge_shards(parts: list[dict[str, torch.Tensor]], captions: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -198,43 +216,50 @@ def merge_shards(parts: list[dict[str, torch.Tensor]], captions: list[list[str]]
     pieces = {k: v for part in parts for k, v in part.items()}
     ordered = lambda kind: [pieces[k] for k in sorted((k for k in pieces if k.startswith(kind + ".")),  # noqa: E731
                                                       key=lambda k: int(k.split(".")[1]))]
-    return {"vision": torch.cat(ordered("vision")).contiguous(), "text": torch.cat(ordered("text")).contiguous(),
-            "text_to_image": _text_to_image(captions)}
+    return {"features": torch.cat(ordered("features")).contiguous(), "text": torch.cat(ordered("text")).contiguous(),
+            "text_to_item": _text_to_item(captions)}
 
 
-def cache_fingerprint(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder) -> dict[str, Any]:
+def cache_fingerprint(dataset: Any, encoder: Any, text: FrozenTextEncoder, modality: str) -> dict[str, Any]:
+    """What the cache of `modality` depends on: both models (weights hashed when local), the pooling, the
+    preprocessing as the processor reports it, and each split's dataset fingerprint."""
     return {
-        "vision_model": vision.name, "vision_weights": model_fingerprint(vision.name),
-        "vision_pooling": vision.pooling, "vision_grid": vision.grid,
+        "modality": modality, "model": encoder.name, "weights": model_fingerprint(encoder.name),
+        "pooling": encoder.pooling, "grid": encoder.grid,
         "text_model": text.name, "text_weights": model_fingerprint(text.name),
-        "preprocessing": json.loads(json.dumps(vision.processor.to_dict())),  # as read back (tuples -> lists)
+        "preprocessing": json.loads(json.dumps(encoder.processor.to_dict())),  # as read back (tuples -> lists)
         "dataset": {name: split._fingerprint for name, split in dataset.items()},
     }
 
 
-def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenTextEncoder, out_dir: str | Path,
-                        batch_size: int = 128, num_workers: int = 0, dtype: str = "float32") -> dict[str, Any]:
-    """Encode every split of `dataset` (a DatasetDict) and write the cache atomically (whole dir).
+def build_feature_cache(dataset: Any, encoder: Any, text: FrozenTextEncoder, out_dir: str | Path,
+                        batch_size: int = 128, num_workers: int = 0, dtype: str = "float32",
+                        modality: str = "image") -> dict[str, Any]:
+    """Encode every split of `dataset` (a DatasetDict whose media column is the modality's) and write the
+    cache atomically (whole dir).
 
     Under `accelerate launch` with N processes each encodes every N-th batch and writes its share to a
     shard file; rank 0 merges the shares into the cache the 1-process run writes (tests/test_features.py)."""
     out_dir = Path(out_dir)
-    expected = {**cache_fingerprint(dataset, vision, text), "feature_dtype": dtype}
+    from ..modalities import modality as spec
+
+    column = spec(modality).column
+    expected = {**cache_fingerprint(dataset, encoder, text, modality), "feature_dtype": dtype}
     if cache_is_valid(out_dir, expected):
         log.info("feature cache %s is up to date; not re-encoding", out_dir)
         return read_json(out_dir / "fingerprint.json")
     stored = DTYPES[dtype]
-    cast = lambda t: {k: v.to(stored) if k != "text_to_image" else v for k, v in t.items()}  # noqa: E731
-    meta = {**expected, "vision_dim": vision.dim, "text_dim": text.dim}
+    cast = lambda t: {k: v.to(stored) if k != "text_to_item" else v for k, v in t.items()}  # noqa: E731
+    meta = {**expected, "dim": encoder.dim, "text_dim": text.dim}
     rank, world = distributed.rank(), distributed.world_size()
     if world == 1:
-        splits = ((name, cast(encode_split(split, vision, text, batch_size, num_workers, desc=name)))
+        splits = ((name, cast(encode_split(split, encoder, text, column, batch_size, num_workers, desc=name)))
                   for name, split in dataset.items())  # one split in memory at a time
         return write_feature_cache(out_dir, splits, meta)
     shard_dir = out_dir.parent / f".{out_dir.name}.shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for name, split in dataset.items():
-        part = encode_split(split, vision, text, batch_size, num_workers, desc=name, rank=rank, world=world)
+        part = encode_split(split, encoder, text, column, batch_size, num_workers, desc=name, rank=rank, world=world)
         save_file({k: v.contiguous() for k, v in part.items()}, shard_dir / f"{name}.rank{rank}.safetensors")
     distributed.barrier()
     if distributed.is_main_process():
@@ -249,14 +274,14 @@ def build_feature_cache(dataset: Any, vision: FrozenVisionEncoder, text: FrozenT
 
 def write_feature_cache(out_dir: str | Path, splits: Iterable[tuple[str, dict[str, torch.Tensor]]],
                         fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Write (name, {"vision", "text", "text_to_image"}) splits and fingerprint.json (plus each file's
+    """Write (name, {"features", "text", "text_to_item"}) splits and fingerprint.json (plus each file's
     sha256 and sizes) atomically: the directory appears whole or not at all."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         files = {}
         for name, tensors in splits:
             save_file(tensors, tmp / f"{name}.safetensors")
-            files[name] = {"sha256": sha256(tmp / f"{name}.safetensors"), "images": tensors["vision"].shape[0],
+            files[name] = {"sha256": sha256(tmp / f"{name}.safetensors"), "items": tensors["features"].shape[0],
                            "captions": tensors["text"].shape[0]}
         fingerprint = {**fingerprint, "files": files}
         (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
@@ -285,8 +310,8 @@ def cache_is_valid(out_dir: str | Path, expected: dict[str, Any]) -> bool:
 def load_features(cache_dir: str | Path, split: str, stream: bool = False) -> Features:
     """Load one split, verifying its checksum against fingerprint.json.
 
-    stream=True: vision and text features stay in the file (StreamedRows) and are read a batch at a
-    time; only text_to_image is loaded.
+    stream=True: item and text features stay in the file (StreamedRows) and are read a batch at a
+    time; only text_to_item is loaded.
     """
     cache_dir = Path(cache_dir)
     meta = read_json(cache_dir / "fingerprint.json")
@@ -298,7 +323,7 @@ def load_features(cache_dir: str | Path, split: str, stream: bool = False) -> Fe
                          "`dvc repro --force -s prepare` (DVC cannot see damage that keeps size and mtime)")
     if stream:
         with safe_open(f, framework="pt") as st:
-            t2i = st.get_tensor("text_to_image")
-        return Features(StreamedRows(f, "vision"), StreamedRows(f, "text"), t2i)
+            t2i = st.get_tensor("text_to_item")
+        return Features(StreamedRows(f, "features"), StreamedRows(f, "text"), t2i)
     t = load_file(f)
-    return Features(t["vision"].float(), t["text"].float(), t["text_to_image"])
+    return Features(t["features"].float(), t["text"].float(), t["text_to_item"])

@@ -1,55 +1,77 @@
-"""VisionTextAligner: frozen encoders + trainable MLP adapters -> one shared, normalised space."""
+"""VisionTextAligner: frozen encoders + trainable MLP adapters -> one shared, normalised space.
+
+One adapter per modality (`adapters`, keyed by name: image, audio) and one for text; every modality is
+trained against text, so all of them land in the text's space (ImageBind's recipe).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
 from ..config import AlignerConfig, AlignTrainConfig, fields_of, from_dict, part
+from ..modalities import modality as spec
 from ..utils import eval_mode, load_checkpoint, save_checkpoint
 from .adapters import MLPAdapter
-from .encoders import FrozenTextEncoder, FrozenVisionEncoder
+from .encoders import FrozenTextEncoder
 
 
 class VisionTextAligner(nn.Module):
-    """Phase 1 model. Only `vision_adapter`, `text_adapter` and `log_logit_scale` train.
+    """Phase 1 model. Only `adapters[*]`, `text_adapter` and `log_logit_scale` train.
 
     Encoders load lazily (first use) unless passed in, so training from cached features never
-    loads them. `vision_dim`/`text_dim` in the config skip loading them just to learn their size.
-    `cfg`: an AlignerConfig, or the seed's AlignmentConfig (its training fields are the trainer's).
+    loads them. Feature sizes in the config (`vision_dim`, `encoders[m].dim`, `text_dim`) skip loading
+    them just to learn their size. `cfg`: an AlignerConfig, or the seed's AlignmentConfig (its training
+    fields are the trainer's). `encoders`: frozen encoders by modality, e.g. {"image": FrozenVisionEncoder}.
     """
 
-    def __init__(self, cfg: AlignerConfig, vision_encoder: FrozenVisionEncoder | None = None,
-                 text_encoder: FrozenTextEncoder | None = None, device: str | torch.device | None = None):
+    def __init__(self, cfg: AlignerConfig, vision_encoder: Any = None, text_encoder: FrozenTextEncoder | None = None,
+                 device: str | torch.device | None = None, encoders: dict[str, Any] | None = None):
         super().__init__()
         if device is None:  # the seed's Quick Start sets `cfg.device = get_device()`: an attribute, not a field
             device = getattr(cfg, "device", "cpu")
-        self._vision = vision_encoder
+        self._encoders = {**({"image": vision_encoder} if vision_encoder is not None else {}), **(encoders or {})}
         self._text = text_encoder
         self.cfg = cfg  # the lazy encoder properties below read it
-        if cfg.vision_dim is None or cfg.text_dim is None:  # learn the sizes from the encoders
-            cfg = dataclasses.replace(cfg, vision_dim=self.vision_encoder.dim, text_dim=self.text_encoder.dim)
-        self.cfg = cfg
+        dims = {m: cfg.encoder(m).dim or self.encoder(m).dim for m in cfg.modalities}
+        text_dim = cfg.text_dim or self.text_encoder.dim
+        encoders = {m: dataclasses.replace(e, dim=dims[m]) for m, e in cfg.encoders.items() if m in dims}
+        self.cfg = cfg = dataclasses.replace(cfg, vision_dim=dims.get("image", cfg.vision_dim), text_dim=text_dim,
+                                             encoders=encoders)
         kw = dict(hidden_dim=cfg.hidden_dim, depth=cfg.depth, dropout=cfg.dropout, activation=cfg.activation)
-        self.vision_adapter = MLPAdapter(cfg.vision_dim, cfg.d_align, **kw)
-        self.text_adapter = MLPAdapter(cfg.text_dim, cfg.d_align, **kw)
+        self.adapters = nn.ModuleDict({m: MLPAdapter(dims[m], cfg.d_align, **kw) for m in cfg.modalities})
+        self.text_adapter = MLPAdapter(text_dim, cfg.d_align, **kw)
         # CLIP learns log(1/temperature), initialised at ln(1/0.07) and clamped at ln(100).
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.to(device)
 
-    # -- frozen towers -------------------------------------------------------------------
     @property
-    def vision_encoder(self) -> FrozenVisionEncoder:
-        if self._vision is None:
-            self._vision = FrozenVisionEncoder(self.cfg.vision_model_name, pooling=self.cfg.vision_pooling,
-                                               grid=self.cfg.vision_grid).to(self._device())
-        return self._vision
+    def modalities(self) -> list[str]:
+        return list(self.cfg.modalities)
+
+    @property
+    def vision_adapter(self) -> nn.Module:
+        """The image adapter (the seed's name)."""
+        return self.adapters["image"]
+
+    # -- frozen towers -------------------------------------------------------------------
+    def encoder(self, modality: str) -> Any:
+        """The frozen encoder of `modality`, loaded on first use from the config."""
+        if modality not in self._encoders:
+            e = self.cfg.encoder(modality)
+            self._encoders[modality] = spec(modality).encoder_class()(e.model_name, pooling=e.pooling,
+                                                                      grid=e.grid).to(self._device())
+        return self._encoders[modality]
+
+    @property
+    def vision_encoder(self) -> Any:
+        return self.encoder("image")
 
     @property
     def text_encoder(self) -> FrozenTextEncoder:
@@ -58,7 +80,7 @@ class VisionTextAligner(nn.Module):
         return self._text
 
     def _device(self) -> torch.device:
-        adapter = self.__dict__.get("_modules", {}).get("vision_adapter")
+        adapter = self.__dict__.get("_modules", {}).get("text_adapter")
         return next(adapter.parameters()).device if adapter is not None else torch.device("cpu")
 
     # -- forward -------------------------------------------------------------------------
@@ -71,29 +93,47 @@ class VisionTextAligner(nn.Module):
         with torch.no_grad():
             self.log_logit_scale.clamp_(0, math.log(self.cfg.logit_scale_max))
 
-    def forward(self, vision_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features (B, Dv), (B, Dt) -> z_vision, z_text (B, d_align), L2-normalised."""
-        return self.vision_adapter(vision_features), self.text_adapter(text_features)
+    def forward(self, vision_features: torch.Tensor | None = None, text_features: torch.Tensor | None = None, *,
+                pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+        """Frozen features -> L2-normalised embeddings (B, d_align).
+
+        forward(vision (B, Dv), text (B, Dt)) -> (z_image, z_text) (the seed's pair); forward(pairs={modality:
+        (features, text features)}) -> {modality: (z_modality, z_text)}: every pair of a step in one call (DDP).
+        """
+        if pairs is None:
+            return self.adapters["image"](vision_features), self.text_adapter(text_features)
+        return {m: (self.adapters[m](x), self.text_adapter(t)) for m, (x, t) in pairs.items()}
 
     @torch.no_grad()
-    def embed_features(self, vision: torch.Tensor, text: torch.Tensor, batch_size: int = 1024
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached frozen features (N, Dv), (M, Dt) -> z_vision (N, d), z_text (M, d) on the CPU, in eval mode
-        (no dropout), in batches; the feature cache's rows as they are (float16 caches are cast)."""
+    def embed_features(self, items: torch.Tensor, text: torch.Tensor | None = None, batch_size: int = 1024,
+                       modality: str = "image") -> Any:
+        """Cached frozen features (N, D) of `modality`[, (M, Dt)] -> z (N, d)[, z_text (M, d)] on the CPU, in
+        eval mode (no dropout), in batches; the feature cache's rows as they are (float16 caches are cast)."""
         device = self._device()
 
-        def run(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def run(adapter: nn.Module, x: Any) -> torch.Tensor:
             return torch.cat([adapter(x[i:i + batch_size].to(device, torch.float32)).cpu()
                               for i in range(0, x.shape[0], batch_size)])
 
         with eval_mode(self):
-            return run(self.vision_adapter, vision), run(self.text_adapter, text)
+            z = run(self.adapters[modality], items)
+            return z if text is None else (z, run(self.text_adapter, text))
+
+    def encode(self, modality: str, items: Sequence[Any] | torch.Tensor | dict) -> torch.Tensor:
+        """Raw inputs of `modality` (PIL images or paths; audio arrays, files or bytes), or an already
+        preprocessed batch -> z (B, d_align)."""
+        enc = self.encoder(modality)
+        if not isinstance(items, (torch.Tensor, dict)):
+            items = enc.preprocess([_open(x) for x in items] if modality == "image" else list(items))
+        return self.adapters[modality](enc(items).to(self._device()))
 
     def encode_images(self, images: Sequence[Image.Image | str | Path] | torch.Tensor) -> torch.Tensor:
-        """PIL images, paths or pixel_values (B, 3, H, W) -> z_vision (B, d_align)."""
-        if not isinstance(images, torch.Tensor):
-            images = self.vision_encoder.preprocess([_open(im) for im in images])
-        return self.vision_adapter(self.vision_encoder(images).to(self._device()))
+        """PIL images, paths or pixel_values (B, 3, H, W) -> z_image (B, d_align)."""
+        return self.encode("image", images)
+
+    def encode_audio(self, clips: Sequence[Any]) -> torch.Tensor:
+        """Audio clips (float arrays at the encoder's rate, file paths, file bytes) -> z_audio (B, d_align)."""
+        return self.encode("audio", clips)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings -> z_text (B, d_align)."""
@@ -109,11 +149,14 @@ class VisionTextAligner(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        **overrides) -> "VisionTextAligner":
+                        **overrides: Any) -> "VisionTextAligner":
         tensors, cfg = load_checkpoint(directory)
         stale = set(fields_of(AlignTrainConfig))  # older checkpoints also wrote the training params
         cfg = {k: v for k, v in {**cfg, **overrides}.items() if k not in stale}
         model = cls(from_dict(AlignerConfig, cfg, f"{directory}/config.json"), device=device)
+        # checkpoints from before modalities were data named the image adapter `vision_adapter`
+        tensors = {("adapters.image." + k[len("vision_adapter."):] if k.startswith("vision_adapter.") else k): v
+                   for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("_")]
         if missing or unexpected:

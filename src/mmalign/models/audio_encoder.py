@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -122,15 +122,23 @@ class FrozenAudioEncoder(nn.Module):
     def train(self, mode: bool = True) -> "FrozenAudioEncoder":
         return super().train(False)  # stays in eval mode whatever the parent does
 
-    def preprocess(self, clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Clips (T,) float at `sampling_rate` -> the model's input batch.
+    def load(self, clips: Sequence[Any]) -> list[np.ndarray]:
+        """Clips as arrays (T,) at `sampling_rate` (kept), or anything data.audio.decode_audio reads (file
+        bytes, paths, {"bytes", "path"} or {"array", "sampling_rate"} dicts): decoded, mono, resampled."""
+        from ..data.audio import decode_audio
+
+        return [c if isinstance(c, np.ndarray) else decode_audio(c, self.sampling_rate, self.window_seconds).samples
+                for c in clips]
+
+    def preprocess(self, clips: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Clips (arrays (T,) float at `sampling_rate`, or file bytes / paths: `load`) -> the model's input batch.
 
         Each clip is cut to the window and its trailing zeros dropped. Whisper: {"input_features":
         (B, n_mels, frames), "n_frames": (B,) encoder frames that hold audio}; CLAP: {"input_features":
         (B, 1, T, n_mels), "is_longer": (B, 1)}.
         """
         window = int(round(self.window_seconds * self.sampling_rate))
-        clips = [np.asarray(c, dtype=np.float32)[:window] for c in clips]
+        clips = [np.asarray(c, dtype=np.float32)[:window] for c in self.load(clips)]
         clips = [c[:valid_samples(c)] for c in clips]
         if self.kind == "clap":
             out = self.processor(clips, sampling_rate=self.sampling_rate, truncation="rand_trunc",
@@ -153,7 +161,7 @@ class FrozenAudioEncoder(nn.Module):
         hidden = self.model(input_features=features).last_hidden_state  # (B, T, d_model)
         return pool_frames(hidden.float(), batch["n_frames"], self.grid if self.pooling == "grid" else 1)
 
-    def encode(self, clips: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+    def encode(self, clips: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """preprocess + forward in batches: clips -> (N, dim) float32 on CPU."""
         out = [self(self.preprocess(clips[i:i + batch_size])).cpu() for i in range(0, len(clips), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.dim)

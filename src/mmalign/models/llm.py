@@ -115,13 +115,20 @@ class MultimodalLLM(nn.Module):
             out["labels"] = labels.to(device)
         return out
 
-    # -- image -> prefix -----------------------------------------------------------------------
-    def prefix_from_features(self, vision_features: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Cached frozen-encoder features (B, Dv) -> prefix (B, k, H), from z's first `dim` coordinates."""
-        device = next(self.projector.parameters()).device
+    # -- any modality -> z -> prefix ---------------------------------------------------------------
+    def embed(self, features: torch.Tensor, modality: str = "image") -> torch.Tensor:
+        """Cached frozen-encoder features (B, D) of `modality` -> z (B, d_align), through the frozen aligner."""
         with torch.no_grad():
-            z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
-        return self.projector(self.nested(z, dim))
+            return self.aligner.adapters[modality](features.to(next(self.projector.parameters()).device))
+
+    def prefix_from_z(self, z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """z (B, d_align) of any modality -> prefix (B, k, H), from z's first `dim` coordinates."""
+        return self.projector(self.nested(z.to(next(self.projector.parameters()).device), dim))
+
+    def prefix_from_features(self, vision_features: torch.Tensor, dim: int | None = None,
+                             modality: str = "image") -> torch.Tensor:
+        """Cached frozen-encoder features (B, D) -> prefix (B, k, H), from z's first `dim` coordinates."""
+        return self.prefix_from_z(self.embed(vision_features, modality), dim)
 
     def nested(self, z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         """z (B, d) -> the projector's input for z[:, :dim], (B, d); dim None or >= d: z itself.
@@ -153,50 +160,57 @@ class MultimodalLLM(nn.Module):
             x = x.index_put((rows,), self.nested(z[rows], d))
         return self.projector.forward_frozen(x)
 
-    def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+    def prefix_from_items(self, items: Sequence[Any], modality: str = "image") -> torch.Tensor:
+        """Raw inputs of `modality` (images or paths; audio arrays, files or bytes) -> prefix (B, k, H)."""
         with torch.no_grad():
-            z = self.aligner.encode_images(images)
-        return self.projector(z.to(next(self.projector.parameters()).device))
+            z = self.aligner.encode(modality, items)
+        return self.prefix_from_z(z)
 
-    def forward(self, vision_features: torch.Tensor, captions: Sequence[Sequence[int]],
-                lean: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def prefix_from_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        return self.prefix_from_items(images, "image")
+
+    def forward(self, vision_features: torch.Tensor | None, captions: Sequence[Sequence[int]], lean: bool = False,
+                modality: str = "image", z: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Teacher-forced next-token loss on caption tokens only. Returns (logits, loss).
 
+        Input: cached features of `modality` (B, D), or their aligned embeddings `z` (B, d_align) (the project
+        stage computes z once per item). The prompt is the modality's (cfg.prompt_for).
         lean=True: the same loss from `lean_loss` (training and validation use it); logits is None.
         A Matryoshka projector in training adds each row again at a random smaller dim (`nested_prefix`):
         the loss is then the full-dim loss plus the nested one, logits (2B, T, V).
         """
-        prefix = self.prefix_from_features(vision_features)
+        z = self.embed(vision_features, modality) if z is None else z.to(next(self.projector.parameters()).device)
+        prefix, prompt = self.prefix_from_z(z), self.cfg.prompt_for(modality)
         copies = 1
         if self.training and len(self.projector.nested_in):
-            device = next(self.projector.parameters()).device
-            with torch.no_grad():
-                z = self.aligner.vision_adapter(vision_features.to(device))  # (B, d_align)
             prefix, captions, copies = torch.cat([prefix, self.nested_prefix(z)]), [*captions, *captions], 2
         if lean:  # the mean over 2B rows of equal captions, times 2: full-dim loss + nested loss
-            return None, self.lean_loss(prefix, captions) * copies
-        out = self.llm(**self.build_inputs(prefix, captions))
+            return None, self.lean_loss(prefix, captions, prompt) * copies
+        out = self.llm(**self.build_inputs(prefix, captions, prompt))
         return out.logits, out.loss * copies
 
-    def prompt_cache_usable(self) -> bool:
+    def prompt_cache_usable(self, prompt: str | None = None) -> bool:
         """The pre-image prompt's KV can be computed once without grad: nothing in the LLM trains (no LoRA)."""
-        return bool(self.prompt_pieces(self.cfg.prompt)[0]) and not any(p.requires_grad for p in self.llm.parameters())
+        return bool(self.prompt_pieces(self.cfg.prompt if prompt is None else prompt)[0]) and \
+            not any(p.requires_grad for p in self.llm.parameters())
 
-    def lean_loss(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]]) -> torch.Tensor:
+    def lean_loss(self, prefix: torch.Tensor, captions: Sequence[Sequence[int]],
+                  prompt: str | None = None) -> torch.Tensor:
         """The plain path's loss, spending compute only where a gradient or a label needs it.
 
         prefix (B, k, H). The fixed tokens before the image are run once (batch 1, no grad) and their
         KV cache is repeated across the batch when the LLM is frozen; hidden states go through the LM
         head only at positions whose next token is a caption label (caption_loss.linear_cross_entropy).
         """
-        cached = self.prompt_cache_usable()
-        inputs = self.build_inputs(prefix, captions, skip_before=cached)
+        prompt = self.cfg.prompt if prompt is None else prompt
+        cached = self.prompt_cache_usable(prompt)
+        inputs = self.build_inputs(prefix, captions, prompt, skip_before=cached)
         embeds, mask, labels = inputs["inputs_embeds"], inputs["attention_mask"], inputs["labels"]  # (B, T, H), (B, T)
         B, T = mask.shape
         decoder = self.llm.get_decoder()
         kw: dict[str, Any] = {}
         if cached:
-            cache, P = self._prompt_cache(decoder, B)
+            cache, P = self._prompt_cache(decoder, B, prompt)
             kw = {_cache_arg(): cache, "use_cache": True,
                   "position_ids": torch.arange(P, P + T, device=mask.device).expand(B, T)}  # cached are 0..P-1
             mask = torch.cat([mask.new_ones(B, P), mask], 1)  # (B, P + T)
@@ -205,11 +219,11 @@ class MultimodalLLM(nn.Module):
         return linear_cross_entropy(hidden[:, :-1][keep], self.llm.get_output_embeddings(), labels[:, 1:][keep])
 
     @torch.no_grad()
-    def _prompt_cache(self, decoder: nn.Module, batch: int) -> tuple[Any, int]:
+    def _prompt_cache(self, decoder: nn.Module, batch: int, prompt: str) -> tuple[Any, int]:
         """KV cache of the pre-image prompt, computed at batch 1 and repeated to `batch` rows."""
         from transformers import DynamicCache
 
-        before, _ = self.prompt_pieces(self.cfg.prompt)
+        before, _ = self.prompt_pieces(prompt)
         ids = torch.tensor([before], device=next(self.projector.parameters()).device)  # (1, P)
         cache = DynamicCache()
         decoder(inputs_embeds=self.llm.get_input_embeddings()(ids), use_cache=True, **{_cache_arg(): cache})
@@ -231,15 +245,17 @@ class MultimodalLLM(nn.Module):
         # With only inputs_embeds given, generate returns just the new tokens.
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def generate(self, images: Sequence[Image.Image | str | Path], prompt: str | None = None,
+    def generate(self, images: Sequence[Any], prompt: str | None = None,
                  max_new_tokens: int = 48, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True) -> list[str]:
-        """PIL images or paths -> one caption each, batched. Greedy (the default) is deterministic.
-        `prompt`: None uses the prompt the projector was trained with (cfg.prompt)."""
+                 top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True, modality: str = "image") -> list[str]:
+        """PIL images or paths (or with modality="audio", clips: arrays, files, bytes) -> one caption each,
+        batched. Greedy (the default) is deterministic. `prompt`: None uses the prompt the projector was
+        trained with for the modality (cfg.prompt_for)."""
         captions: list[str] = []
+        prompt = self.cfg.prompt_for(modality) if prompt is None else prompt
         with eval_mode(self):
             for i in range(0, len(images), batch_size):
-                prefix = self.prefix_from_images(images[i:i + batch_size])
+                prefix = self.prefix_from_items(images[i:i + batch_size], modality)
                 captions += self.generate_from_prefix(prefix, prompt, max_new_tokens, num_beams, do_sample,
                                                       temperature, top_p, use_cache)
         return captions

@@ -15,8 +15,10 @@ from ..utils import atomic_path
 log = logging.getLogger(__name__)
 
 
-def run(models: ModelsConfig, spec: TinyLLMSpec, dataset_dir: Path, out_dir: Path, tracker: Any) -> dict[str, str]:
-    """Write out_dir/models.json {"llm": name or path}, and the stand-in itself when it is builtin."""
+def run(models: ModelsConfig, spec: TinyLLMSpec, dataset_dirs: list[Path], out_dir: Path, tracker: Any
+        ) -> dict[str, str]:
+    """Write out_dir/models.json {"llm": name or path}, and the stand-in itself when it is builtin (pretrained
+    on the training captions of every dataset in `dataset_dirs`: the enabled modalities', in order)."""
     resolved = {"llm": models.llm}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -25,7 +27,7 @@ def run(models: ModelsConfig, spec: TinyLLMSpec, dataset_dir: Path, out_dir: Pat
 
             from ..standins.tiny_llm import build_tiny_llm, caption_documents
 
-            captions = datasets.load_from_disk(str(dataset_dir))["train"]["captions"]
+            captions = [caps for d in dataset_dirs for caps in datasets.load_from_disk(str(d))["train"]["captions"]]
             stats = build_tiny_llm(caption_documents(captions, spec.seed), tmp / "tiny-qwen2", spec)
             log.info("tiny LLM pretrained: loss %.3f -> %.3f", stats["initial_loss"], stats["final_loss"])
             tracker.log_metrics({"tiny_llm_initial_loss": stats["initial_loss"],

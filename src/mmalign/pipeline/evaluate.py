@@ -1,6 +1,7 @@
-"""evaluate: test-split retrieval (full dim + every Matryoshka dim, with chance) and captioning
-(trained vs blind), figures to MLflow. DVC gets the headline numbers in `eval/metrics.json` and the
-full set in `eval/metrics_all.json`; MLflow gets both under the same dotted keys."""
+"""evaluate: per enabled modality, test-split retrieval against text (full dim + every Matryoshka dim, R@k,
+mean/median rank, mAP@10, each with its exact chance value) and captioning (trained vs blind), figures to
+MLflow. DVC gets the headline numbers in `eval/metrics.json` and the full set, by modality, in
+`eval/metrics_all.json`; MLflow gets both under the same dotted keys."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 
 from .. import plots
 from ..config import EvaluateConfig
-from ..data.features import load_features
-from ..metrics import caption_metrics_sets, chance_retrieval, distinct_share, retrieval_metrics
+from ..data.features import Features, load_features
+from ..metrics import (caption_metrics_groups, chance_retrieval, chance_retrieval_map, distinct_share, retrieval_map_at_k,
+                       retrieval_metrics)
+from ..modalities import Modality, modality as spec
 from ..models.aligner import VisionTextAligner
 from ..models.llm import MultimodalLLM
 from ..training.losses import matryoshka_prefix
@@ -22,136 +25,192 @@ from ..utils import atomic_path, get_device, progress, write_json
 from .common import write_csv
 
 log = logging.getLogger(__name__)
+CHUNK = 256  # rows per adapter / projector call
 
 
-def retrieval(model: VisionTextAligner, features_dir: Path) -> tuple[dict[str, Any], Any]:
-    test = load_features(features_dir, "test")
-    z_v, z_t = model.embed_features(test.vision, test.text)  # (N, d), (M, d)
-    full = retrieval_metrics(z_v, z_t, test.text_to_image)
-    chance = chance_retrieval(test.text_to_image, test.num_images)
-    by_dim = {str(d): retrieval_metrics(matryoshka_prefix(z_v, d), matryoshka_prefix(z_t, d), test.text_to_image)
-              for d in model.cfg.mrl_dims}
-    out = {"i2t": full["i2t"], "t2i": full["t2i"], "chance": chance, "by_dim": by_dim,
-           "n_images": test.num_images, "n_captions": int(test.text.shape[0])}
-    return out, (z_v, z_t, test)
+def directions(m: Modality, both: dict[str, Any]) -> dict[str, Any]:
+    """retrieval_metrics' {"i2t", "t2i"} named for the modality: {"a2t", "t2a"} for audio."""
+    return {f"{m.letter}2t": both["i2t"], f"t2{m.letter}": both["t2i"]}
 
 
-def retrieval_figure(z_v: torch.Tensor, z_t: torch.Tensor, test: Any, split: Any, n_queries: int = 4, k: int = 5):
-    """Top-k test images for the first caption of the first few test images; the right one framed."""
-    first = [int((test.text_to_image == i).nonzero()[0]) for i in range(min(n_queries, test.num_images))]
-    top = (z_t[first] @ z_v.T).topk(min(k, test.num_images), dim=-1).indices  # (Q, k)
+def scores(z: torch.Tensor, z_t: torch.Tensor, t2i: torch.Tensor, m: Modality) -> dict[str, Any]:
+    """R@1/5/10, mean and median rank, mAP@10, both directions."""
+    r, ap = retrieval_metrics(z, z_t, t2i), retrieval_map_at_k(z, z_t, t2i, 10)
+    return directions(m, {d: {**r[d], "mAP10": ap[d]} for d in ("i2t", "t2i")})
+
+
+def retrieval(model: VisionTextAligner, test: Features, m: Modality) -> tuple[dict[str, Any], Any]:
+    z, z_t = model.embed_features(test.items, test.text, modality=m.name)  # (N, d), (M, d)
+    t2i, n = test.text_to_item, test.num_items
+    chance, chance_ap = chance_retrieval(t2i, n), chance_retrieval_map(t2i, n, 10)
+    by_dim = {str(d): scores(matryoshka_prefix(z, d), matryoshka_prefix(z_t, d), t2i, m) for d in model.cfg.mrl_dims}
+    out = {**scores(z, z_t, t2i, m), "chance": directions(m, {d: {**chance[d], "mAP10": chance_ap[d]}
+                                                              for d in ("i2t", "t2i")}),
+           "by_dim": by_dim, "n_items": n, "n_captions": int(test.text.shape[0])}
+    return out, (z, z_t)
+
+
+def thumbnails(m: Modality, values: list[Any]) -> list[Any]:
+    """What a figure shows of an item: the image, or the clip's spectrogram."""
+    if m.name != "audio":
+        return values
+    from ..data.audio import decode_audio
+
+    clips = [decode_audio(v, 16000) for v in values]
+    return [plots.spectrogram(c.samples, c.sampling_rate) for c in clips]
+
+
+def retrieval_figure(z: torch.Tensor, z_t: torch.Tensor, test: Features, split: Any, m: Modality, n_queries: int = 4,
+                     k: int = 5):
+    """Top-k test items for the first caption of the first few test items; the right one framed."""
+    first = [int((test.text_to_item == i).nonzero()[0]) for i in range(min(n_queries, test.num_items))]
+    top = (z_t[first] @ z.T).topk(min(k, test.num_items), dim=-1).indices  # (Q, k)
     captions = [c for caps in split.select(range(len(first)))["captions"] for c in caps[:1]]
-    images = [[split[int(j)]["image"] for j in row] for row in top]
-    return plots.retrieval_examples(captions, images, [[int(j) == i for j in row] for i, row in enumerate(top)])
+    items = [thumbnails(m, [split[int(j)][m.column] for j in row]) for row in top]
+    return plots.retrieval_examples(captions, items, [[int(j) == i for j in row] for i, row in enumerate(top)])
 
 
-def by_dim_rows(ret: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"dim": int(d), "i2t_R1": m["i2t"]["R1"], "t2i_R1": m["t2i"]["R1"],
-                          "chance_i2t_R1": ret["chance"]["i2t"]["R1"], "chance_t2i_R1": ret["chance"]["t2i"]["R1"]}
-                         for d, m in ret["by_dim"].items()])
+def by_dim_rows(ret: dict[str, Any], m: Modality) -> pd.DataFrame:
+    dirs = (f"{m.letter}2t", f"t2{m.letter}")
+    return pd.DataFrame([{"dim": int(d), **{f"{x}_R1": r[x]["R1"] for x in dirs},
+                          **{f"chance_{x}_R1": ret["chance"][x]["R1"] for x in dirs}} for d, r in ret["by_dim"].items()])
 
 
 @torch.no_grad()
-def generate_all(mm: MultimodalLLM, prefix: torch.Tensor, cfg: EvaluateConfig, desc: str) -> list[str]:
+def generate_all(mm: MultimodalLLM, prefix: torch.Tensor, cfg: EvaluateConfig, desc: str, prompt: str) -> list[str]:
     out: list[str] = []
     for i in progress(range(0, prefix.shape[0], cfg.batch_size), desc=f"captions ({desc})", unit="batch"):
-        out += mm.generate_from_prefix(prefix[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+        out += mm.generate_from_prefix(prefix[i:i + cfg.batch_size], prompt, max_new_tokens=cfg.max_new_tokens,
                                        num_beams=cfg.num_beams)
     return out
 
 
 @torch.no_grad()
-def captioning(cfg: EvaluateConfig, mm: MultimodalLLM, features_dir: Path, test_split: Any, out_dir: Path,
-               tracker: Any) -> dict[str, Any]:
-    """Trained captions vs a blind captioner (same LLM and prompt, a prefix carrying no image)."""
+def captions(cfg: EvaluateConfig, mm: MultimodalLLM, cache: Path, m: Modality) -> dict[str, list[str]]:
+    """The caption sets of a modality's test split: trained (full dim), blind (same LLM and prompt, a prefix
+    carrying no input), and from each smaller Matryoshka prefix of z ("dim 32", ...)."""
     mm.eval()
-    test = load_features(features_dir, "test")
+    test, prompt = load_features(cache, "test"), mm.cfg.prompt_for(m.name)
+    z = mm.aligner.embed_features(test.items, modality=m.name, batch_size=CHUNK)  # (N, d)
 
     def prefix_at(dim: int | None) -> torch.Tensor:  # (N, k, H) from z's first `dim` coordinates
-        return torch.cat([mm.prefix_from_features(test.vision[i:i + 256], dim) for i in range(0, test.num_images, 256)])
+        return torch.cat([mm.prefix_from_z(z[i:i + CHUNK], dim) for i in range(0, test.num_items, CHUNK)])
 
     prefix = prefix_at(None)
-    if cfg.blind_prefix == "mean":  # the projector applied to the mean training image embedding
-        train_v = load_features(features_dir, "train", stream=True).vision  # summed in chunks, never all loaded
-        total = sum(train_v[i:i + 4096].double().sum(0) for i in range(0, len(train_v), 4096))
-        blind = mm.prefix_from_features((total / len(train_v)).float()[None])
+    if cfg.blind_prefix == "mean":  # the projector applied to the mean training feature
+        train = load_features(cache, "train", stream=True).items  # summed in chunks, never all loaded
+        total = sum(train[i:i + 4096].double().sum(0) for i in range(0, len(train), 4096))
+        blind = mm.prefix_from_features((total / len(train)).float()[None], modality=m.name)
     else:
         blind = torch.zeros_like(prefix[:1])
-    generated = generate_all(mm, prefix, cfg, "trained")
-    blind_caps = generate_all(mm, blind.expand(prefix.shape[0], -1, -1).contiguous(), cfg, "blind")
+    generated = generate_all(mm, prefix, cfg, f"{m.name}, trained", prompt)
+    blind_caps = generate_all(mm, blind.expand(prefix.shape[0], -1, -1).contiguous(), cfg, f"{m.name}, blind", prompt)
     # one projector, captions from each Matryoshka prefix of z; the full dim's are `trained`
     dims, full = mm.aligner.cfg.mrl_dims, mm.aligner.cfg.d_align
-    smaller = {d: generate_all(mm, prefix_at(d), cfg, f"dim {d}") for d in dims if d < full}
+    smaller = {d: generate_all(mm, prefix_at(d), cfg, f"{m.name}, dim {d}", prompt) for d in dims if d < full}
+    return {"trained": generated, "blind": blind_caps, **{f"dim {d}": caps for d, caps in smaller.items()}}
+
+
+def score_captions(pending: dict[str, tuple[dict[str, list[str]], Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{modality: (caption sets, test split)} -> {modality: {set: pycocoevalcap scores}}, every set of every
+    modality in one caption_metrics_sets call: one PTB tokenizer run, one METEOR JVM."""
+    groups = {m: ({name: dict(zip(split["id"], caps)) for name, caps in found.items()},
+                  dict(zip(split["id"], split["captions"]))) for m, (found, split) in pending.items()}
+    log.info("scoring %d caption sets against the references (pycocoevalcap)", sum(len(g[0]) for g in groups.values()))
+    return caption_metrics_groups(groups) if groups else {}
+
+
+def captioning(mm: MultimodalLLM, sets: dict[str, list[str]], found: dict[str, dict[str, float]], cfg: EvaluateConfig,
+               test_split: Any, out_dir: Path, tracker: Any, m: Modality) -> dict[str, Any]:
+    """A modality's caption scores with the distinct share, its CIDEr-by-dim CSV and figure, caption table, gallery."""
+    dims, full = mm.aligner.cfg.mrl_dims, mm.aligner.cfg.d_align
+    generated, blind_caps = sets["trained"], sets["blind"]
     ids, refs = test_split["id"], test_split["captions"]
-    sets = {"trained": generated, "blind": blind_caps, **{f"dim {d}": caps for d, caps in smaller.items()}}
-    log.info("scoring %d caption sets against the references (pycocoevalcap)", len(sets))
-    scores = caption_metrics_sets({name: dict(zip(ids, caps)) for name, caps in sets.items()}, dict(zip(ids, refs)))
-    result = {name: {**scores[name], "distinct": distinct_share(caps)} for name, caps in sets.items()}
+    result = {name: {**found[name], "distinct": distinct_share(caps)} for name, caps in sets.items()}
     result["by_dim"] = {str(d): result.pop(f"dim {d}") if d < full else result["trained"] for d in dims}
-    rows = pd.DataFrame([{"dim": int(d), "CIDEr": m["CIDEr"], "blind_CIDEr": result["blind"]["CIDEr"]}
-                         for d, m in result["by_dim"].items()])
-    write_csv(rows, out_dir / "plots" / "cider_by_dim.csv")
-    tracker.log_figure(plots.cider_by_dim(rows, mm.cfg.matryoshka), "figures/cider_by_dim.png")
+    rows = pd.DataFrame([{"dim": int(d), "CIDEr": r["CIDEr"], "blind_CIDEr": result["blind"]["CIDEr"]}
+                         for d, r in result["by_dim"].items()])
+    write_csv(rows, out_dir / "plots" / f"{m.prefix}cider_by_dim.csv")
+    tracker.log_figure(plots.cider_by_dim(rows, mm.cfg.matryoshka, m.noun), f"figures/{m.prefix}cider_by_dim.png")
+    examples = out_dir / "examples"
     write_csv(pd.DataFrame({"id": ids, "generated": generated, "blind": blind_caps,
-                            "references": [" | ".join(r) for r in refs]}), out_dir / "captions.csv")
-    tracker.log_artifact(out_dir / "captions.csv")
+                            "references": [" | ".join(r) for r in refs]}), examples / f"{m.prefix}captions.csv")
+    tracker.log_artifact(examples / f"{m.prefix}captions.csv")
     n = min(cfg.gallery_size, len(ids))
     if n:
-        gallery = plots.caption_gallery(test_split.select(range(n))["image"], generated[:n], blind_caps[:n], refs[:n])
-        with atomic_path(out_dir / "gallery.png") as tmp:
+        gallery = plots.caption_gallery(thumbnails(m, test_split.select(range(n))[m.column]), generated[:n],
+                                        blind_caps[:n], refs[:n], noun=m.noun)
+        with atomic_path(examples / f"{m.prefix}gallery.png") as tmp:
             gallery.savefig(tmp, dpi=110, format="png")
-        tracker.log_figure(gallery, "figures/caption_gallery.png")
+        tracker.log_figure(gallery, f"figures/{m.prefix}caption_gallery.png")
     return result
 
 
-def run(cfg: EvaluateConfig, aligner_dir: Path, features_dir: Path, out_dir: Path, tracker: Any,
-        projector_dir: Path | None = None, dataset_dir: Path | None = None) -> dict[str, Any]:
-    if cfg.captioning and (projector_dir is None or dataset_dir is None):
+def evaluate_retrieval(model: VisionTextAligner, m: Modality, cache: Path, test_split: Any | None, out_dir: Path,
+                       tracker: Any) -> dict[str, Any]:
+    test = load_features(cache, "test")
+    ret, (z, z_t) = retrieval(model, test, m)
+    x = m.letter
+    log.info("test %s retrieval: %s2t R@1 %.3f (chance %.4f), t2%s R@1 %.3f (chance %.4f)", m.name, x,
+             ret[f"{x}2t"]["R1"], ret["chance"][f"{x}2t"]["R1"], x, ret[f"t2{x}"]["R1"], ret["chance"][f"t2{x}"]["R1"])
+    rows = by_dim_rows(ret, m)
+    write_csv(rows, out_dir / "plots" / f"{m.prefix}r1_by_dim.csv")
+    tracker.log_figure(plots.recall_by_dim(rows, x, m.noun), f"figures/{m.prefix}r1_by_dim.png")
+    if test_split is not None:
+        tracker.log_figure(retrieval_figure(z, z_t, test, test_split, m), f"figures/{m.prefix}retrieval_examples.png")
+    return ret
+
+
+def run(cfg: EvaluateConfig, aligner_dir: Path, caches: dict[str, Path], out_dir: Path, tracker: Any,
+        projector_dir: Path | None = None, dataset_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """caches / dataset_dirs: feature cache and dataset directory of each enabled modality."""
+    import datasets
+
+    if cfg.captioning and (projector_dir is None or not dataset_dirs):
         raise ValueError("evaluate.captioning is true but no projector checkpoint/dataset was given: "
                          "pass --projector and --dataset, or set evaluate.captioning: false")
     torch.manual_seed(0)
     model = VisionTextAligner.from_pretrained(aligner_dir).to(get_device()).eval()
-    ret, embeddings = retrieval(model, features_dir)
-    metrics: dict[str, Any] = {"retrieval": ret}
-    log.info("test retrieval: i2t R@1 %.3f (chance %.4f), t2i R@1 %.3f (chance %.4f)", ret["i2t"]["R1"],
-             ret["chance"]["i2t"]["R1"], ret["t2i"]["R1"], ret["chance"]["t2i"]["R1"])
-
-    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    rows = by_dim_rows(ret)
-    write_csv(rows, out_dir / "plots" / "r1_by_dim.csv")
-    tracker.log_figure(plots.recall_by_dim(rows), "figures/r1_by_dim.png")
-
-    if dataset_dir is not None:
-        import datasets
-
-        test_split = datasets.load_from_disk(str(dataset_dir))["test"]
-        tracker.log_figure(retrieval_figure(*embeddings, test_split), "figures/retrieval_examples.png")
+    for sub in ("plots", "examples"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    splits = {m: datasets.load_from_disk(str(d))["test"] for m, d in (dataset_dirs or {}).items()}
+    metrics = {m: {"retrieval": evaluate_retrieval(model, spec(m), c, splits.get(m), out_dir, tracker)}
+               for m, c in caches.items()}
     if cfg.captioning and projector_dir is not None:
         mm = MultimodalLLM.from_pretrained(projector_dir, model).to(get_device())
-        metrics["captioning"] = captioning(cfg, mm, features_dir, test_split, out_dir, tracker)
-        log.info("test captioning: CIDEr %.3f (blind %.3f), distinct %.2f", metrics["captioning"]["trained"]["CIDEr"],
-                 metrics["captioning"]["blind"]["CIDEr"], metrics["captioning"]["trained"]["distinct"])
-
-    top, everything = headline(metrics), {"image": metrics}
-    write_json(out_dir / "metrics_all.json", everything)
+        sets = {m: captions(cfg, mm, c, spec(m)) for m, c in caches.items()}
+        scored = score_captions({m: (sets[m], splits[m]) for m in caches})
+        for m in caches:
+            metrics[m]["captioning"] = cap = captioning(mm, sets[m], scored[m], cfg, splits[m], out_dir, tracker,
+                                                        spec(m))
+            log.info("test %s captioning: CIDEr %.3f (blind %.3f), distinct %.2f", m, cap["trained"]["CIDEr"],
+                     cap["blind"]["CIDEr"], cap["trained"]["distinct"])
+    top = headline(metrics)
+    write_json(out_dir / "metrics_all.json", metrics)
     write_json(out_dir / "metrics.json", top)
     tracker.log_metrics(top)
-    tracker.log_metrics(everything)
+    tracker.log_metrics(metrics)
     tracker.log_artifact(out_dir / "metrics.json")
     tracker.log_artifact(out_dir / "metrics_all.json")
     return metrics
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a person compares (eval/metrics.json, `dvc exp show`): R@1 both ways at the full dim
-    beside chance, CIDEr trained beside blind, the distinct-caption share. Flat, short keys (a `dvc exp
-    show` column each): the retrieval direction names the modality (i2t / t2i); an audio modality adds
-    a2t_R1, ..., audio_CIDEr beside them."""
-    ret = metrics["retrieval"]
-    out = {f"{d}_R1": ret[d]["R1"] for d in ("i2t", "t2i")}
-    out |= {f"chance_{d}_R1": ret["chance"][d]["R1"] for d in ("i2t", "t2i")}
-    if "captioning" in metrics:
-        cap = metrics["captioning"]
-        out |= {"CIDEr": cap["trained"]["CIDEr"], "blind_CIDEr": cap["blind"]["CIDEr"],
-                "distinct": cap["trained"]["distinct"]}
+    """The numbers a person compares (eval/metrics.json, `dvc exp show`), per modality: R@1 both ways at the
+    full dim beside chance, CIDEr trained beside blind, the distinct-caption share, and the metric the
+    modality's field reports when it is not R@1 (audio: DCASE's text-to-audio mAP@10). Flat, short keys
+    (a `dvc exp show` column each): the retrieval direction names the modality (i2t, a2t); the image's
+    captioning keys have no prefix (CIDEr), audio's do (audio_CIDEr). Two modalities: 15 keys."""
+    out: dict[str, Any] = {}
+    for name, res in metrics.items():
+        m = spec(name)
+        ret, dirs = res["retrieval"], (f"{m.letter}2t", f"t2{m.letter}")
+        out |= {f"{d}_R1": ret[d]["R1"] for d in dirs}
+        out |= {f"chance_{d}_R1": ret["chance"][d]["R1"] for d in dirs}
+        if m.task_metric:
+            out[f"t2{m.letter}_{m.task_metric}"] = ret[f"t2{m.letter}"][m.task_metric]
+        if "captioning" in res:
+            cap = res["captioning"]
+            out |= {f"{m.prefix}CIDEr": cap["trained"]["CIDEr"], f"{m.prefix}blind_CIDEr": cap["blind"]["CIDEr"],
+                    f"{m.prefix}distinct": cap["trained"]["distinct"]}
     return out

@@ -1,4 +1,5 @@
-"""project: train the vision-to-LLM projector from the feature cache; keep the best by val loss."""
+"""project: train the projector (aligned embedding z -> LLM prefix) on the captions of every enabled modality,
+from the feature caches; keep the best by val loss."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any, Callable
 import torch
 
 from ..config import LLMConfig, ProjectConfig, part
-from ..data.dataset import CaptionBatches
+from ..data.dataset import CaptionBatches, MixedBatches
 from ..data.features import load_features, sha256
 from ..metrics import distinct_share
+from ..modalities import modality as spec
 from ..models.aligner import VisionTextAligner
 from ..models.llm import MultimodalLLM
 from ..training import distributed
@@ -30,26 +32,32 @@ def caption_ids(tokenizer: Any, dataset_split: Any) -> list[list[int]]:
     return tokenizer(flat, add_special_tokens=False)["input_ids"]
 
 
-def caption_watch(model: MultimodalLLM, vision: torch.Tensor, ids: list[str], references: list[str], tracker: Any,
-                  max_new_tokens: int) -> tuple[Callable[[], dict[str, float]], Callable[[dict, int], None]]:
-    """Greedy captions of fixed val images after each epoch: an MLflow table (log_table's JSON layout) per
-    epoch and their distinct share as `val/distinct`, so a collapse to one caption shows in epoch 1.
+def caption_watch(model: MultimodalLLM, z: dict[str, torch.Tensor], ids: dict[str, list[str]],
+                  references: dict[str, list[str]], tracker: Any, max_new_tokens: int
+                  ) -> tuple[Callable[[], dict[str, float]], Callable[[dict, int], None]]:
+    """Greedy captions of fixed val items of each modality after each epoch: an MLflow table (log_table's JSON
+    layout) per epoch and their distinct share as `val/distinct` (`val/audio_distinct`, ...), so a collapse to
+    one caption shows in epoch 1.
 
-    vision (n, Dv). Returns (evaluate part, on_log hook that tracks the step the tables are named by).
+    z: {modality: (n, d) aligned embeddings}. Returns (evaluate part, on_log hook that tracks the step the
+    tables are named by).
     """
     at = {"step": 0}
 
     def watch() -> dict[str, float]:
-        with torch.no_grad():  # the full z: in training mode a Matryoshka model would draw a dim per row
-            prefix = model.prefix_from_features(vision, model.aligner.cfg.d_align)
-            caps = model.generate_from_prefix(prefix, max_new_tokens=max_new_tokens)
-        table = {"columns": ["step", "id", "generated", "reference"],
-                 "data": [[at["step"], i, c, r] for i, c, r in zip(ids, caps, references)]}
+        out, rows = {}, []
+        for m, zm in z.items():
+            with torch.no_grad():  # the full z: in training mode a Matryoshka model would draw a dim per row
+                caps = model.generate_from_prefix(model.prefix_from_z(zm), model.cfg.prompt_for(m),
+                                                  max_new_tokens=max_new_tokens)
+            rows += [[at["step"], m, i, c, r] for i, c, r in zip(ids[m], caps, references[m])]
+            out[f"val/{spec(m).prefix}distinct"] = distinct_share(caps)
+        table = {"columns": ["step", "modality", "id", "generated", "reference"], "data": rows}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"step_{at['step']:06d}.json"
             path.write_text(json.dumps(table, indent=1))
             tracker.log_artifact(path, "watch_captions")
-        return {"val/distinct": distinct_share(caps)}
+        return out
 
     def on_log(row: dict, step: int) -> None:
         at["step"] = step
@@ -57,34 +65,53 @@ def caption_watch(model: MultimodalLLM, vision: torch.Tensor, ids: list[str], re
     return watch, on_log
 
 
-def run(cfg: ProjectConfig, aligner_dir: Path, features_dir: Path, dataset_dir: Path, out_dir: Path, plots_dir: Path,
-        tracker: Any, state_dir: Path | None = None) -> dict[str, Any]:
+def caption_loaders(model: MultimodalLLM, cfg: ProjectConfig, caches: dict[str, Path], datasets_: dict[str, Any],
+                    split: str) -> dict[str, CaptionBatches]:
+    """Per modality, batches of (z, caption ids) of a split: z computed once per item by the frozen aligner
+    (not once per caption and epoch), captions tokenised once."""
+    out = {}
+    for m, cache in caches.items():
+        feats = load_features(cache, split, stream=True)
+        z = model.aligner.embed_features(feats.items, modality=m)  # (N, d_align)
+        ids = caption_ids(model.tokenizer, datasets_[m][split].select_columns(["captions"]))
+        out[m] = CaptionBatches(z, ids, feats.text_to_item, cfg.batch_size, seed=cfg.seed, shuffle=split == "train",
+                                group_by_length=cfg.group_by_length, key="z", modality=m)
+    return out
+
+
+def run(cfg: ProjectConfig, aligner_dir: Path, caches: dict[str, Path], dataset_dirs: dict[str, Path], out_dir: Path,
+        plots_dir: Path, tracker: Any, state_dir: Path | None = None) -> dict[str, Any]:
+    """caches / dataset_dirs: feature cache and dataset directory of each enabled modality."""
     import datasets
 
     set_seed(cfg.seed)
     llm_cfg = part(cfg, LLMConfig)
     model = MultimodalLLM(VisionTextAligner.from_pretrained(aligner_dir), llm_cfg).to(get_device())
-    ds = datasets.load_from_disk(str(dataset_dir))
-    loaders = {}
-    for split in ("train", "val"):
-        feats = load_features(features_dir, split, stream=True)
-        ids = caption_ids(model.tokenizer, ds[split].select_columns(["captions"]))
-        loaders[split] = CaptionBatches(feats.vision, ids, feats.text_to_image, cfg.batch_size, seed=cfg.seed,
-                                        shuffle=split == "train", group_by_length=cfg.group_by_length)
+    missing = [m for m in caches if m not in model.aligner.modalities]
+    if missing:
+        raise ValueError(f"the aligner {aligner_dir} has no {missing[0]} adapter (trained with modalities "
+                         f"{model.aligner.modalities}): run `dvc repro` so align re-runs")
+    ds = {m: datasets.load_from_disk(str(d)) for m, d in dataset_dirs.items()}
+    loaders = {split: caption_loaders(model, cfg, caches, ds, split) for split in ("train", "val")}
+    train, val = ((next(iter(ls.values())) if len(ls) == 1 else MixedBatches(ls, cfg.seed)) for ls in loaders.values())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("project: %d trainable parameters, %d train captions, %d steps/epoch (%d processes)", n_train,
-             len(loaders["train"].captions), len(loaders["train"]), distributed.world_size())
+    log.info("project: %d trainable parameters, %s train captions, %d steps/epoch (%d processes)", n_train,
+             " + ".join(f"{len(ls.captions)} {m}" for m, ls in loaders["train"].items()), len(train),
+             distributed.world_size())
     tracker.log_metrics({"trainable_params": n_train})
     watch, on_log = lambda: {}, tracker.log_metrics
-    if n := min(cfg.watch_images, len(ds["val"])):
-        val = ds["val"].select(range(n)).select_columns(["id", "captions"])
-        watch, on_log = caption_watch(model, loaders["val"].vision[torch.arange(n)], val["id"],
-                                      [caps[0] for caps in val["captions"]], tracker, llm_cfg.max_caption_tokens)
+    sizes = {m: min(cfg.watch_images, len(ds[m]["val"])) for m in caches}
+    if any(sizes.values()):
+        picked = {m: ds[m]["val"].select(range(n)).select_columns(["id", "captions"]) for m, n in sizes.items() if n}
+        watch, on_log = caption_watch(model, {m: loaders["val"][m].vision[:n] for m, n in sizes.items() if n},
+                                      {m: p["id"] for m, p in picked.items()},
+                                      {m: [caps[0] for caps in p["captions"]] for m, p in picked.items()},
+                                      tracker, llm_cfg.max_caption_tokens)
     history = train_projector(
-        model, loaders["train"], cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, loaders["val"]), **watch()},
+        model, train, cfg, evaluate=lambda: {"val/loss": mean_caption_loss(model, val), **watch()},
         monitor="val/loss", mode="min", save_best=lambda epoch: model.save_pretrained(out_dir), checkpoint=str(out_dir),
         on_log=on_log,
         **state_options(cfg, state_dir, sha256(aligner_dir / "model.safetensors"),
-                        read_json(features_dir / "fingerprint.json")["files"]))
+                        *(read_json(c / "fingerprint.json")["files"] for c in caches.values())))
     write_history(history, plots_dir, tracker, "project", "val/loss")
     return history

@@ -58,12 +58,12 @@ def shard(batch: dict[str, Any]) -> dict[str, Any] | None:
     n_ranks = world_size()
     if n_ranks == 1:
         return batch
-    n = len(next(iter(batch.values())))
-    if n < n_ranks:
+    rows = {k: len(v) for k, v in batch.items() if not isinstance(v, str)}  # strings (a batch's modality) go whole
+    if min(rows.values()) < n_ranks:
         return None
     r = rank()
-    lo, hi = n * r // n_ranks, n * (r + 1) // n_ranks
-    return {k: v[lo:hi] for k, v in batch.items()}
+    return {k: v[n * r // n_ranks:n * (r + 1) // n_ranks] if k in rows else v
+            for k, v in batch.items() for n in [rows.get(k, 0)]}
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -182,20 +182,37 @@ def schedule(cfg: TrainingConfig) -> dict[str, Any]:
 
 
 def alignment_loss_fn(model: nn.Module, cfg: AlignTrainConfig) -> LossFn:
-    """Loss on a batch of cached features, or of raw images + texts (the seed's design)."""
+    """Loss on a batch of cached features (one modality: "vision_features"/"text_features"; several, PairBatches:
+    "<modality>.features"/"<modality>.text"), or of raw images + texts (the seed's design).
+
+    Every (modality, text) pair gets the CLIP + Matryoshka loss; the step's terms are their means weighted by
+    `cfg.pair_weights` (one pair: its own terms exactly), plus `<modality>_loss` per pair when there are several.
+    """
     dims = model.cfg.mrl_dims
 
     def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if "vision_features" in batch:
-            z_v, z_t = net(batch["vision_features"], batch["text_features"])
+            out = net(pairs={"image": (batch["vision_features"], batch["text_features"])})
+        elif "images" not in batch:
+            out = net(pairs={k[:-len(".features")]: (v, batch[k[:-len(".features")] + ".text"])
+                             for k, v in batch.items() if k.endswith(".features")})
         elif distributed.world_size() == 1:  # the seed's design: encoders on every batch (benchmarks compare it)
-            z_v, z_t = model.encode_images(batch["images"]), model.encode_texts(batch["texts"])
+            out = {"image": (model.encode_images(batch["images"]), model.encode_texts(batch["texts"]))}
         else:
             raise ValueError("multi-process training runs from the feature cache (batches of vision/text features)")
-        # Negatives from every rank (open_clip's gather_features); the loss itself in float32.
-        z_v, z_t = distributed.gather_with_grad(z_v.float()), distributed.gather_with_grad(z_t.float())
-        return alignment_loss(z_v, z_t, model.logit_scale.float(), dims, cfg.mrl_weights,
-                              cfg.clip_weight, cfg.mrl_weight)
+        weights = {m: cfg.pair_weight(m) for m in out}
+        total = sum(weights.values())
+        terms: dict[str, torch.Tensor] = {}
+        for m, (z_m, z_t) in out.items():
+            # Negatives from every rank (open_clip's gather_features); the loss itself in float32.
+            z_m, z_t = distributed.gather_with_grad(z_m.float()), distributed.gather_with_grad(z_t.float())
+            pair = alignment_loss(z_m, z_t, model.logit_scale.float(), dims, cfg.mrl_weights,
+                                  cfg.clip_weight, cfg.mrl_weight)
+            for k, v in pair.items():
+                terms[k] = terms.get(k, 0) + weights[m] * v / total
+            if len(out) > 1:
+                terms[f"{m}_loss"] = pair["loss"]
+        return terms
     return loss_fn
 
 
@@ -213,10 +230,17 @@ def train_alignment(model: nn.Module, train_loader: Iterable[dict[str, Any]], nu
                desc="align", **kwargs)
 
 
+def _caption_loss(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """A batch of cached features ("vision_features") or of aligned embeddings ("z") of one modality."""
+    modality = batch.get("modality", "image")
+    if "z" in batch:
+        return net(None, batch["captions"], lean=True, modality=modality, z=batch["z"])[1]
+    return net(batch["vision_features"], batch["captions"], lean=True, modality=modality)[1]
+
+
 def caption_loss_fn(model: nn.Module) -> LossFn:
     def loss_fn(net: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        _, loss = net(batch["vision_features"], batch["captions"], lean=True)  # through `net`: DDP syncs grads
-        return {"loss": loss.float()}
+        return {"loss": _caption_loss(net, batch).float()}  # through `net`: DDP syncs grads
     return loss_fn
 
 
@@ -224,10 +248,9 @@ def caption_loss_fn(model: nn.Module) -> LossFn:
 def mean_caption_loss(model: nn.Module, loader: Iterable[dict[str, Any]]) -> float:
     """Token-weighted mean next-token loss over a loader (validation)."""
     total, count = 0.0, 0
-    device = next(model.projector.parameters()).device
     with eval_mode(model):
         for batch in loader:
-            _, loss = model(batch["vision_features"].to(device), batch["captions"], lean=True)
+            loss = _caption_loss(model, batch)
             n = sum(min(len(c), model.cfg.max_caption_tokens - 1) + 1 for c in batch["captions"])
             total, count = total + float(loss) * n, count + n
     return total / max(1, count)
