@@ -31,10 +31,13 @@ TINY_LLM = dict(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, num_k
                 steps=30, batch_size=16, lr=3e-3)
 
 # params.yaml overrides that make every stage run in seconds.
+TINY_WHISPER = {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64, "num_mel_bins": 16, "chunk_length": 2}
 TINY_PARAMS = {
     "prepare": {"n_train": 48, "n_val": 16, "n_test": 16, "image_size": 32, "batch_size": 16,
                 "tiny_clip": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
-                "tiny_llm": TINY_LLM},
+                "tiny_llm": TINY_LLM,
+                "audio": {"n_train": 32, "n_val": 8, "n_test": 8, "batch_size": 16, "max_events": 2,
+                          "tiny_whisper": TINY_WHISPER}},
     "align": {"d_align": 32, "hidden_dim": 64, "mrl_dims": [8, 16, 32], "batch_size": 16, "num_epochs": 2},
     "project": {"k": 2, "projector_hidden": 32, "batch_size": 16, "num_epochs": 1},
     "evaluate": {"max_new_tokens": 8, "gallery_size": 4, "batch_size": 8},
@@ -42,17 +45,20 @@ TINY_PARAMS = {
 
 
 # Each stage's argv as dvc.yaml runs it (tests call the click commands with these, in this order).
+FEATURES = ["--features", "image=data/features", "--features", "audio=data/audio/features"]
+DATASETS = ["--dataset", "image=data/dataset", "--dataset", "audio=data/audio/dataset"]
 STAGE_ARGS = {
     "prepare": ["--dataset", "data/dataset", "--models", "models/builtin", "--features", "data/features",
                 "--report", "data/prepare_report.json"],
-    "llm": ["--dataset", "data/dataset", "--out", "models/llm"],
-    "align": ["--features", "data/features", "--out", "models/aligner", "--plots", "plots/align"],
-    "project": ["--llm", "models/llm", "--aligner", "models/aligner", "--features", "data/features",
-                "--dataset", "data/dataset", "--out", "models/projector", "--plots", "plots/project"],
-    "evaluate": ["--aligner", "models/aligner", "--features", "data/features",
-                 "--projector", "models/projector", "--dataset", "data/dataset",
-                 "--out", "eval"],
+    "prepare_audio": ["--modality", "audio", "--dataset", "data/audio/dataset", "--models", "models/builtin_audio",
+                      "--features", "data/audio/features", "--report", "data/audio/prepare_report.json"],
+    "llm": [*DATASETS, "--out", "models/llm"],
+    "align": [*FEATURES, "--out", "models/aligner", "--plots", "plots/align"],
+    "project": ["--llm", "models/llm", "--aligner", "models/aligner", *FEATURES, *DATASETS,
+                "--out", "models/projector", "--plots", "plots/project"],
+    "evaluate": ["--aligner", "models/aligner", *FEATURES, "--projector", "models/projector", *DATASETS, "--out", "eval"],
 }
+SCRIPTS = {"prepare_audio": "prepare"}  # stage name -> its script in stages/, where they differ
 
 
 def run_stages(params: Path, *names: str, args: dict[str, list[str]] | None = None) -> None:
@@ -62,7 +68,8 @@ def run_stages(params: Path, *names: str, args: dict[str, list[str]] | None = No
 
     for name in names or STAGE_ARGS:
         argv = (args or {}).get(name, STAGE_ARGS[name])
-        importlib.import_module(f"stages.{name}").main(["--params", str(params), *argv], standalone_mode=False)
+        script = SCRIPTS.get(name, name)
+        importlib.import_module(f"stages.{script}").main(["--params", str(params), *argv], standalone_mode=False)
 
 
 @pytest.fixture(scope="session")
@@ -126,5 +133,5 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        run_stages(params, "prepare", "llm", "align", "project")
+        run_stages(params, "prepare", "prepare_audio", "llm", "align", "project")
     return work

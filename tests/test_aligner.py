@@ -19,7 +19,7 @@ from mmalign.hub import MINILM_ID
 from mmalign.training.losses import alignment_loss
 from mmalign.training.train import train_alignment
 
-TRAINABLE_PREFIXES = ("vision_adapter.", "text_adapter.", "log_logit_scale")
+TRAINABLE_PREFIXES = ("adapters.image.", "text_adapter.", "log_logit_scale")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_only_adapters_and_logit_scale_are_trainable(model, encoders):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(TRAINABLE_PREFIXES) for n in trainable)
     assert "log_logit_scale" in trainable
-    assert any(n.startswith("vision_adapter.") for n in trainable)
+    assert any(n.startswith("adapters.image.") for n in trainable)
     assert any(n.startswith("text_adapter.") for n in trainable)
     frozen = [p for enc in encoders for p in enc.parameters()]
     assert len(frozen) > 0 and not any(p.requires_grad for p in frozen)
@@ -118,7 +118,7 @@ def test_save_load_round_trip_keeps_only_trainable_tensors(model, tmp_path):
     assert not any(k.startswith("_") or "encoder" in k or ".model." in k for k in keys)
 
     loaded = VisionTextAligner.from_pretrained(out).eval()
-    assert loaded._vision is None and loaded._text is None  # the encoders were not loaded
+    assert len(loaded._encoders) == 0 and loaded._text is None  # the encoders were not loaded
     vf, tf = torch.randn(6, 32), torch.randn(6, 384)
     with torch.no_grad():
         for a, b in zip(model(vf, tf), loaded(vf, tf)):

@@ -85,14 +85,19 @@ def test_deps_are_exactly_the_import_closure(stage):
 # their deps). Keys not listed here must re-run nothing (operational keys), and every leaf key of
 # params.yaml must be covered by a prefix here or in OPERATIONAL, so a new key forces a decision.
 INVALIDATES = {
-    "models.vision": {"prepare"}, "models.text": {"prepare"}, "models.llm": {"llm"},
-    "models.trust_remote_code": {"prepare", "project"},
+    # a modality's switch re-runs its own prepare and everything that trains or scores on the set of modalities
+    "modalities.image": {"prepare", "llm", "align", "project", "evaluate"},
+    "modalities.audio": {"prepare_audio", "llm", "align", "project", "evaluate"},
+    "models.vision": {"prepare"}, "models.audio": {"prepare_audio"}, "models.text": {"prepare", "prepare_audio"},
+    "models.llm": {"llm"}, "models.trust_remote_code": {"prepare", "prepare_audio", "project"},
     "prepare.tiny_llm": {"llm"},
-    "prepare": {"prepare"},  # every other prepare key (data, synthetic recipe, vision pooling, tiny_clip)
+    "prepare.feature_dtype": {"prepare", "prepare_audio"},  # both caches are stored in it
+    "prepare": {"prepare"},  # every other image prepare key (data, synthetic recipe, vision pooling, tiny_clip)
+    "prepare.audio": {"prepare_audio"},  # every audio key: never the image extraction, and the reverse
     "align": {"align"}, "project": {"project"}, "evaluate": {"evaluate"},
 }
-OPERATIONAL = {"prepare.batch_size", "prepare.num_workers", "align.resume", "align.state_every", "project.resume",
-               "project.state_every", "project.watch_images", "tracking"}
+OPERATIONAL = {"prepare.batch_size", "prepare.num_workers", "prepare.audio.batch_size", "align.resume",
+               "align.state_every", "project.resume", "project.state_every", "project.watch_images", "tracking"}
 
 
 def leaf_keys(d: dict, prefix: str = "") -> list[str]:

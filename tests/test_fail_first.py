@@ -48,9 +48,9 @@ def test_local_dirs_without_safetensors_or_missing_are_refused(tmp_path, tiny_ll
 
 def test_clamp_batch_size_to_small_data(caplog):
     cfg = AlignmentConfig(batch_size=256, d_align=32, mrl_dims=[32])
-    assert clamp_batch_size(cfg, 1000, 1).batch_size == 256
-    assert clamp_batch_size(cfg, 37, 1).batch_size == 37 and "larger than the 37 training images" in caplog.text
-    assert clamp_batch_size(cfg, 37, 2).batch_size == 36  # a multiple of the processes
+    assert clamp_batch_size(cfg, 1000, 1) == 256
+    assert clamp_batch_size(cfg, 37, 1) == 37 and "larger than the 37 training images" in caplog.text
+    assert clamp_batch_size(cfg, 37, 2) == 36  # a multiple of the processes
     with pytest.raises(ValueError, match="align needs at least 2 training images"):
         clamp_batch_size(cfg, 1, 1)
 

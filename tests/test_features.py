@@ -48,7 +48,7 @@ def cache(tmp_path_factory, dataset, vision, text):
 
 def test_cache_equals_direct_encoder_forward(cache, tiny_data, vision, text):
     out, fingerprint = cache
-    assert fingerprint["vision_dim"] == vision.dim == 32 * 2 * 2 and fingerprint["text_dim"] == text.dim == 384
+    assert fingerprint["dim"] == vision.dim == 32 * 2 * 2 and fingerprint["text_dim"] == text.dim == 384
     for name, n in (("train", N_TRAIN), ("val", N_VAL)):
         rows = tiny_data[name][:n]
         feats = load_features(out, name)
@@ -59,7 +59,7 @@ def test_cache_equals_direct_encoder_forward(cache, tiny_data, vision, text):
         assert feats.vision.dtype == feats.text.dtype == torch.float32
         torch.testing.assert_close(feats.vision, direct_v, atol=1e-5, rtol=0)
         torch.testing.assert_close(feats.text, direct_t, atol=1e-5, rtol=0)
-        assert fingerprint["files"][name]["images"] == n and fingerprint["files"][name]["captions"] == 3 * n
+        assert fingerprint["files"][name]["items"] == n and fingerprint["files"][name]["captions"] == 3 * n
 
 
 def test_text_to_image_maps_each_caption_to_its_image(cache, tiny_data, text):
@@ -143,7 +143,7 @@ def test_cache_built_with_other_pooling_is_rebuilt(cache, tmp_path, dataset, tex
     real = features.encode_split
     monkeypatch.setattr(features, "encode_split", lambda split, *a, **k: calls.append(1) or real(split, *a, **k))
     fp = build_feature_cache(dataset, other, text, out, batch_size=8)
-    assert calls and fp["vision_pooling"] == "mean" and fp["vision_dim"] == 32
+    assert calls and fp["pooling"] == "mean" and fp["dim"] == 32
     assert load_features(out, "train").vision.shape == (N_TRAIN, 32)
 
 
@@ -175,7 +175,7 @@ def test_streamed_features_equal_loaded_ones(cache):
     full, streamed = load_features(cache, "train"), load_features(cache, "train", stream=True)
     assert isinstance(streamed.vision, features.StreamedRows)
     assert torch.equal(streamed.text_to_image, full.text_to_image)
-    for name in ("vision", "text"):
+    for name in ("items", "text"):
         a, s = getattr(full, name), getattr(streamed, name)
         assert s.shape == a.shape and len(s) == len(a) and s.dtype == a.dtype
         idx = torch.tensor([len(a) - 1, 0, 3, 3])
@@ -191,7 +191,7 @@ def test_streamed_rows_of_a_truncated_file_say_so(cache, tmp_path):
     bad = tmp_path / "feats"
     shutil.copytree(cache, bad)
     f = bad / "train.safetensors"
-    rows = features.StreamedRows(f, "vision")
+    rows = features.StreamedRows(f, "features")
     f.write_bytes(f.read_bytes()[: rows.offset + rows.row_bytes * 2])
     assert rows[0:2].shape[0] == 2
     with pytest.raises(ValueError, match="truncated.*dvc repro --force -s prepare"):

@@ -5,6 +5,7 @@ import time
 from fractions import Fraction
 
 import pytest
+import numpy as np
 import torch
 
 from mmalign import metrics
@@ -33,7 +34,8 @@ def _brute_force(img, txt, owner):
 def _old_summary(ranks, ks=(1, 5, 10)):
     """What recall_summary computed before ties were kept: plain fractions and mean of integer ranks."""
     r = torch.tensor(ranks, dtype=torch.float64)
-    return {**{f"R{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean())}
+    return {**{f"R{k}": float((r <= k).double().mean()) for k in ks}, "mean_rank": float(r.mean()),
+            "median_rank": float(np.median(r.numpy()))}  # MedR as the retrieval papers' np.median
 
 
 @pytest.mark.parametrize("chunk", [1024, 3])
@@ -70,14 +72,16 @@ def test_tied_ranks_match_enumeration_of_tie_breaks():
         assert (ranks.neg > 0).any(), "the set should contain ties"
         want = [_expected_by_enumeration(*map(int, q), ks) for q in zip(*ranks)]
         got = recall_summary(ranks, ks)
-        for key in got:
+        for key in got.keys() - {"median_rank"}:
             assert got[key] == pytest.approx(float(sum(w[key] for w in want) / len(want)), abs=1e-12)
+        # MedR with ties: the median over queries of each query's expected rank
+        assert got["median_rank"] == pytest.approx(float(np.median([float(w["mean_rank"]) for w in want])), abs=1e-12)
 
 
 def test_perfect_embeddings_score_one():
     img, _, owner = _random_set()
     out = retrieval_metrics(img, img[owner], owner)
-    assert out["i2t"] == out["t2i"] == {"R1": 1.0, "R5": 1.0, "R10": 1.0, "mean_rank": 1.0}
+    assert out["i2t"] == out["t2i"] == {"R1": 1.0, "R5": 1.0, "R10": 1.0, "mean_rank": 1.0, "median_rank": 1.0}
 
 
 def test_duplicate_images_split_the_credit():
@@ -85,7 +89,7 @@ def test_duplicate_images_split_the_credit():
     img = torch.eye(3, dtype=torch.float64)
     img[1] = img[0]  # images 0 and 1 identical: each of their captions ties between them
     t2i = recall_summary(retrieval_ranks(img, img[owner], owner)[1], ks=(1,))
-    assert t2i == {"R1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4}
+    assert t2i == {"R1": (0.5 + 0.5 + 1 + 1) / 4, "mean_rank": (1.5 + 1.5 + 1 + 1) / 4, "median_rank": 1.25}
 
 
 @pytest.mark.parametrize("counts", [[1] * 7, [3] * 5, [1, 3, 5, 1, 5, 3, 3, 1]])
@@ -119,7 +123,8 @@ def test_nan_embeddings_are_refused_not_ranked_first(which):
 def test_chance_one_caption_each_is_uniform():
     out = chance_retrieval(torch.arange(10), 10)
     for d in ("i2t", "t2i"):
-        assert out[d] == pytest.approx({"R1": 0.1, "R5": 0.5, "R10": 1.0, "mean_rank": 5.5}, abs=1e-12)
+        assert out[d] == pytest.approx({"R1": 0.1, "R5": 0.5, "R10": 1.0, "mean_rank": 5.5, "median_rank": 5.5},
+                                       abs=1e-12)
 
 
 def test_chance_matches_the_closed_form():

@@ -55,10 +55,14 @@ def test_data_preset_validates(preset):
 
 
 def test_real_preset_values():
-    p = compose(CONF, [f"model={REAL_MODEL}", "data=flickr30k"])
-    assert p["models"] == {"vision": "openai/clip-vit-base-patch32", "text": "sentence-transformers/all-MiniLM-L6-v2",
-                           "llm": "Qwen/Qwen2.5-1.5B-Instruct", "trust_remote_code": False}
-    assert p["prepare"]["vision_pooling"] == "cls"
+    p = compose(CONF, [f"model={REAL_MODEL}", "data=flickr30k", "audio_data=clotho"])
+    assert p["models"] == {"vision": "openai/clip-vit-base-patch32", "audio": "openai/whisper-base",
+                           "text": "sentence-transformers/all-MiniLM-L6-v2", "llm": "Qwen/Qwen2.5-1.5B-Instruct",
+                           "trust_remote_code": False}
+    assert p["prepare"]["vision_pooling"] == "cls" and p["prepare"]["audio"]["pooling"] == "mean"
+    audio = p["prepare"]["audio"]
+    assert audio["source"] == "audiofolder" and audio["splits"] == {"train": "development", "val": "validation",
+                                                                   "test": "evaluation"}
     assert (p["project"]["k"], p["project"]["dtype"], p["project"]["mixed_precision"]) == (10, "bfloat16", "bf16")
     assert p["prepare"]["source"] == "hf" and p["prepare"]["hf"]["split_column"] == "split"
     assert p["prepare"]["splits"] == {"train": "train", "val": "val", "test": "test"}

@@ -96,7 +96,7 @@ def test_align_and_project_killed_with_sigkill_resume(tmp_path, tiny_params_file
     text = tiny_params_file.read_text()
     text = text.replace("num_epochs: 2", "num_epochs: 12").replace("state_every: 50", "state_every: 4")
     tiny_params_file.write_text(text.replace("num_epochs: 1\n", "num_epochs: 4\n"))
-    run_stages(tiny_params_file, "prepare", "llm")
+    run_stages(tiny_params_file, "prepare", "prepare_audio", "llm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
     def args(stage: str, out: str, plots: str) -> list[str]:

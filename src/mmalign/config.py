@@ -78,7 +78,7 @@ class TinyWhisperConfig:
     """
 
     d_model: PositiveInt = 128
-    num_layers: PositiveInt = 1
+    num_layers: NonNegativeInt = 1  # 0: the convolutional front end alone (+ positions, final LayerNorm)
     num_heads: PositiveInt = 4
     ffn_dim: PositiveInt = 512
     num_mel_bins: PositiveInt = 80
@@ -274,7 +274,7 @@ class AudioPrepareConfig:
     n_train: PositiveInt = 1500  # n_*, captions_per_clip, max_events: synthetic only
     n_val: PositiveInt = 200
     n_test: PositiveInt = 200
-    captions_per_clip: PositiveInt = 3
+    captions_per_clip: Annotated[Int, Field(ge=3, le=20)] = 3  # distinct paraphrases the recipe can make
     max_events: Annotated[Int, Field(ge=1, le=3)] = 3
     on_bad_sample: Literal["error", "skip"] = "error"
     splits: SplitNames = field(default_factory=SplitNames)
@@ -395,6 +395,8 @@ class ProjectTrainConfig(TrainingConfig):
     num_epochs: PositiveInt = 5
     seed: Int = 0
     group_by_length: Bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
+    # an epoch: every caption once (all, ClipCap) | every item once with one of its captions drawn (one)
+    caption_sampling: Literal["all", "one"] = "all"
     watch_images: NonNegativeInt = 16  # val images captioned after each epoch (MLflow table + val/distinct); 0: none
 
 

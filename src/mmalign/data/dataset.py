@@ -140,16 +140,23 @@ class CaptionBatches:
 
     def __init__(self, vision: torch.Tensor, captions: list[list[int]], text_to_image: torch.Tensor,
                  batch_size: int, seed: int = 0, shuffle: bool = True, group_by_length: bool = False,
-                 megabatch: int = 4, key: str = "vision_features", modality: str | None = None):
+                 megabatch: int = 4, key: str = "vision_features", modality: str | None = None,
+                 one_per_item: bool = False):
         if len(captions) != len(text_to_image):
             raise ValueError(f"{len(captions)} captions but {len(text_to_image)} caption->image indices")
         self.vision, self.captions, self.t2i = vision, captions, text_to_image
         self.batch_size, self.seed, self.shuffle, self.epoch = batch_size, seed, shuffle, 0
         self.group_by_length, self.megabatch, self.key, self.modality = group_by_length, megabatch, key, modality
         self.lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)  # (M,)
+        self.one_per_item = one_per_item  # an epoch: every item once, with one of its captions drawn (seeded)
+        n = int(text_to_image.max()) + 1 if len(text_to_image) else 0
+        self.counts = torch.bincount(text_to_image, minlength=n)  # (N,) captions per item
+        self.caption_order = torch.argsort(text_to_image, stable=True)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
 
     def __len__(self) -> int:
-        return -(-len(self.captions) // self.batch_size)
+        rows = len(self.counts) if self.one_per_item else len(self.captions)
+        return -(-rows // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -158,11 +165,16 @@ class CaptionBatches:
         """Caption indices of each batch of the current epoch (a pure function of seed and epoch)."""
         m, bs = len(self.captions), self.batch_size
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(m, generator=g) if self.shuffle else torch.arange(m)
+        if self.one_per_item:
+            pick = (torch.rand(len(self.counts), generator=g) * self.counts).long()  # which caption of each item
+            chosen = self.caption_order[self.starts + pick]  # (N,) caption indices
+            order = chosen[torch.randperm(len(chosen), generator=g)] if self.shuffle else chosen
+        else:
+            order = torch.randperm(m, generator=g) if self.shuffle else torch.arange(m)
         if not self.group_by_length:
             return list(order.split(bs))
         if not self.shuffle:
-            return list(order[torch.argsort(self.lengths, descending=True, stable=True)].split(bs))
+            return list(order[torch.argsort(self.lengths[order], descending=True, stable=True)].split(bs))
         # megabatches are whole multiples of the batch size, so no batch straddles two of them
         groups = [mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
                   for mega in order.split(bs * self.megabatch)]

@@ -36,7 +36,9 @@ class VisionTextAligner(nn.Module):
         super().__init__()
         if device is None:  # the seed's Quick Start sets `cfg.device = get_device()`: an attribute, not a field
             device = getattr(cfg, "device", "cpu")
-        self._encoders = {**({"image": vision_encoder} if vision_encoder is not None else {}), **(encoders or {})}
+        # submodules (so .train()/.to() reach them), kept out of checkpoints by their leading underscore
+        self._encoders = nn.ModuleDict({**({"image": vision_encoder} if vision_encoder is not None else {}),
+                                        **(encoders or {})})
         self._text = text_encoder
         self.cfg = cfg  # the lazy encoder properties below read it
         dims = {m: cfg.encoder(m).dim or self.encoder(m).dim for m in cfg.modalities}

@@ -83,7 +83,7 @@ def run(cfg: AlignmentConfig, caches: dict[str, Path], modalities: list[str], ou
     set_seed(cfg.seed)
     model = VisionTextAligner(part(cfg, AlignerConfig), device=get_device())
     loaders = {m: FeaturePairBatches(f.items, f.text, f.text_to_item, sizes[m], seed=cfg.seed) for m, f in train.items()}
-    loader = next(iter(loaders.values())) if len(loaders) == 1 else PairBatches(loaders)
+    loader = PairBatches(loaders)  # one modality: exactly its FeaturePairBatches' batches
     for m in modalities:
         log.info("align %s: %d train, %d val %ss, %d steps/epoch of %d (%d processes)", m, train[m].num_items,
                  val[m].num_items, spec(m).noun, len(loaders[m]), sizes[m], world)

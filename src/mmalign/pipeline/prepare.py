@@ -44,7 +44,7 @@ def synthetic_dataset(cfg: PrepareConfig) -> Any:
             "id": [s["id"] for s in rows], "image": [s["image"] for s in rows],
             "captions": [s["captions"] for s in rows], "objects": [json.dumps(s["objects"]) for s in rows],
         }, features=features)
-        for name, rows in splits.items()}), {}
+        for name, rows in splits.items()})
 
 
 def flac_bytes(samples: Any, sampling_rate: int) -> bytes:
@@ -76,7 +76,7 @@ def synthetic_audio_dataset(cfg: PrepareConfig) -> Any:
             "id": [c["id"] for c in clips], "audio": [flac_bytes(c["audio"], c["sampling_rate"]) for c in clips],
             "captions": [c["captions"] for c in clips], "events": [json.dumps(c["events"]) for c in clips],
         }, features=features)
-        for name, clips in splits.items()}), {}
+        for name, clips in splits.items()})
 
 
 def user_dataset(cfg: PrepareConfig, work_dir: Path) -> tuple[Any, dict[str, int]]:
@@ -132,12 +132,12 @@ def recipe(modality: str, models: ModelsConfig, cfg: PrepareConfig) -> Recipe:
         a = cfg.audio
         return Recipe(models.audio, BUILTIN_AUDIO, lambda d: build_tiny_whisper(d / "tiny-whisper", a.tiny_whisper),
                       {"pooling": a.pooling, "grid": a.grid}, a.batch_size, a.source, a.on_bad_sample,
-                      lambda: synthetic_audio_dataset(cfg), lambda work, enc: user_audio_dataset(cfg, enc))
+                      lambda: (synthetic_audio_dataset(cfg), {}), lambda work, enc: user_audio_dataset(cfg, enc))
     from ..standins.tiny_clip import build_tiny_clip
 
     return Recipe(models.vision, BUILTIN_VISION, lambda d: build_tiny_clip(d / "tiny-clip", cfg.tiny_clip, cfg.image_size),
                   {"pooling": cfg.vision_pooling, "grid": cfg.vision_grid}, cfg.batch_size, cfg.source,
-                  cfg.on_bad_sample, lambda: synthetic_dataset(cfg), lambda work, enc: user_dataset(cfg, work))
+                  cfg.on_bad_sample, lambda: (synthetic_dataset(cfg), {}), lambda work, enc: user_dataset(cfg, work))
 
 
 def build_models(r: Recipe, models: ModelsConfig, out_dir: Path) -> dict[str, str]:

@@ -75,7 +75,8 @@ def caption_loaders(model: MultimodalLLM, cfg: ProjectConfig, caches: dict[str, 
         z = model.aligner.embed_features(feats.items, modality=m)  # (N, d_align)
         ids = caption_ids(model.tokenizer, datasets_[m][split].select_columns(["captions"]))
         out[m] = CaptionBatches(z, ids, feats.text_to_item, cfg.batch_size, seed=cfg.seed, shuffle=split == "train",
-                                group_by_length=cfg.group_by_length, key="z", modality=m)
+                                group_by_length=cfg.group_by_length, key="z", modality=m,
+                                one_per_item=split == "train" and cfg.caption_sampling == "one")
     return out
 
 
