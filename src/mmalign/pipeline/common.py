@@ -15,6 +15,7 @@ from ..training import distributed
 from ..utils import atomic_path
 
 log = logging.getLogger(__name__)
+IMAGE_ONLY = "image_only"  # project.zero_shot_check's image-only projector: a subdir of the project stage's out
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -22,7 +22,7 @@ from ..models.aligner import VisionTextAligner
 from ..models.llm import MultimodalLLM
 from ..training.losses import matryoshka_prefix
 from ..utils import atomic_path, get_device, progress, write_json
-from .common import write_csv
+from .common import IMAGE_ONLY, write_csv
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # rows per adapter / projector call
@@ -146,6 +146,19 @@ def captioning(mm: MultimodalLLM, sets: dict[str, list[str]], found: dict[str, d
     return result
 
 
+def zero_shot(cfg: EvaluateConfig, model: VisionTextAligner, projector_dir: Path, caches: dict[str, Path],
+              sets: dict[str, dict[str, list[str]]]) -> None:
+    """With project.zero_shot_check, the projector trained on images alone captions every other modality's test
+    items from their aligned z (set "zero_shot", beside the jointly trained "trained")."""
+    if not (projector_dir / IMAGE_ONLY).exists():
+        return
+    solo = MultimodalLLM.from_pretrained(projector_dir / IMAGE_ONLY, model).to(get_device()).eval()
+    for m in caches.keys() - {"image"}:
+        z = model.embed_features(load_features(caches[m], "test").items, modality=m, batch_size=CHUNK)
+        prefix = torch.cat([solo.prefix_from_z(z[i:i + CHUNK]) for i in range(0, len(z), CHUNK)])
+        sets[m]["zero_shot"] = generate_all(solo, prefix, cfg, f"{m}, image-only projector", solo.cfg.prompt_for("image"))
+
+
 def evaluate_retrieval(model: VisionTextAligner, m: Modality, cache: Path, test_split: Any | None, out_dir: Path,
                        tracker: Any) -> dict[str, Any]:
     test = load_features(cache, "test")
@@ -179,6 +192,7 @@ def run(cfg: EvaluateConfig, aligner_dir: Path, caches: dict[str, Path], out_dir
     if cfg.captioning and projector_dir is not None:
         mm = MultimodalLLM.from_pretrained(projector_dir, model).to(get_device())
         sets = {m: captions(cfg, mm, c, spec(m)) for m, c in caches.items()}
+        zero_shot(cfg, model, projector_dir, caches, sets)
         scored = score_captions({m: (sets[m], splits[m]) for m in caches})
         for m in caches:
             metrics[m]["captioning"] = cap = captioning(mm, sets[m], scored[m], cfg, splits[m], out_dir, tracker,
@@ -200,7 +214,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     full dim beside chance, CIDEr trained beside blind, the distinct-caption share, and the metric the
     modality's field reports when it is not R@1 (audio: DCASE's text-to-audio mAP@10). Flat, short keys
     (a `dvc exp show` column each): the retrieval direction names the modality (i2t, a2t); the image's
-    captioning keys have no prefix (CIDEr), audio's do (audio_CIDEr). Two modalities: 15 keys."""
+    captioning keys have no prefix (CIDEr), audio's do (audio_CIDEr). Two modalities: 15 keys (16 with
+    project.zero_shot_check: audio_zeroshot_CIDEr)."""
     out: dict[str, Any] = {}
     for name, res in metrics.items():
         m = spec(name)
@@ -213,4 +228,6 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
             cap = res["captioning"]
             out |= {f"{m.prefix}CIDEr": cap["trained"]["CIDEr"], f"{m.prefix}blind_CIDEr": cap["blind"]["CIDEr"],
                     f"{m.prefix}distinct": cap["trained"]["distinct"]}
+            if "zero_shot" in cap:  # project.zero_shot_check: the image-only projector fed this modality
+                out[f"{m.prefix}zeroshot_CIDEr"] = cap["zero_shot"]["CIDEr"]
     return out

@@ -21,7 +21,7 @@ from ..models.llm import MultimodalLLM
 from ..training import distributed
 from ..training.train import mean_caption_loss, train_projector
 from ..utils import get_device, read_json, set_seed
-from .common import state_options, write_history
+from .common import IMAGE_ONLY, state_options, write_history
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +115,21 @@ def run(cfg: ProjectConfig, aligner_dir: Path, caches: dict[str, Path], dataset_
         **state_options(cfg, state_dir, sha256(aligner_dir / "model.safetensors"),
                         *(read_json(c / "fingerprint.json")["files"] for c in caches.values())))
     write_history(history, plots_dir, tracker, "project", "val/loss")
+    if cfg.zero_shot_check and "image" in caches and len(caches) > 1:
+        zero_shot_projector(cfg, model.aligner, loaders, out_dir / IMAGE_ONLY, tracker)
     return history
+
+
+def zero_shot_projector(cfg: ProjectConfig, aligner: VisionTextAligner, loaders: dict[str, dict[str, Any]],
+                        out_dir: Path, tracker: Any) -> None:
+    """The same recipe (seed, schedule, batches) on the image captions alone: a projector that never saw audio.
+    evaluate feeds it audio embeddings to see whether the aligned space transfers (`zero_shot` in the audio
+    captioning metrics). Its curves go to MLflow under `image_only/`."""
+    set_seed(cfg.seed)
+    solo = MultimodalLLM(aligner, part(cfg, LLMConfig)).to(get_device())
+    log.info("project: training the image-only projector of the zero-shot check (project.zero_shot_check)")
+    train_projector(solo, loaders["train"]["image"], cfg,
+                    evaluate=lambda: {"val/loss": mean_caption_loss(solo, loaders["val"]["image"])},
+                    monitor="val/loss", mode="min", save_best=lambda epoch: solo.save_pretrained(out_dir),
+                    checkpoint=str(out_dir),
+                    on_log=lambda row, step: tracker.log_metrics({f"image_only/{k}": v for k, v in row.items()}, step))
