@@ -149,3 +149,49 @@ def test_spectrogram_thumbnail_is_an_rgb_image():
     # the 1 kHz tone is the brightest row, 1/8 of the way up from the bottom (0 Hz .. 8 kHz)
     brightest = int(img.astype(float).sum((1, 2)).argmax())
     assert abs((95 - brightest) / 95 - 1 / 8) < 0.03
+
+
+def _clips(tmp_path: Path, n: int) -> list[tuple[str, list[str]]]:
+    """n WAV files (the synthetic generator's sound scenes) in tmp_path/clips, with their captions."""
+    import soundfile as sf
+
+    from mmalign.data.synthetic_audio import generate_synthetic_audio
+
+    rows = generate_synthetic_audio(1, n, 0, 0, captions_per_clip=3, max_events=2)["train"]
+    (tmp_path / "clips").mkdir()
+    for r in rows:
+        sf.write(tmp_path / "clips" / f"{r['id']}.wav", r["audio"], r["sampling_rate"])
+    return [(f"{r['id']}.wav", r["captions"]) for r in rows]
+
+
+AUDIO_ONLY = {"modalities": {"image": False, "audio": True}}
+
+
+@pytest.mark.parametrize("source", ["audiofolder", "hf"])
+def test_prepare_reads_an_audiofolder_and_an_hf_dataset_with_an_audio_column(source, tmp_path, mlflow_uri,
+                                                                              monkeypatch):
+    import datasets
+
+    clips = _clips(tmp_path, 12)
+    if source == "audiofolder":
+        with open(tmp_path / "clips" / "metadata.jsonl", "w") as f:
+            for name, caps in clips:
+                f.write(json.dumps({"file_name": name, "text": caps}) + "\n")
+        audio = {"source": "audiofolder", "audiofolder": {"path": str(tmp_path / "clips")}}
+    else:  # Clotho's layout: one row per clip, captions in columns caption_1..caption_3
+        ds = datasets.Dataset.from_dict({"audio": [str(tmp_path / "clips" / n) for n, _ in clips],
+                                         **{f"caption_{i + 1}": [c[i] for _, c in clips] for i in range(3)}})
+        ds.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "hf"))
+        audio = {"source": "hf", "hf": {"path": str(tmp_path / "hf"),
+                                        "caption_column": ["caption_1", "caption_2", "caption_3"]}}
+    params = _params(tmp_path, **AUDIO_ONLY, prepare={"audio": {**audio, "split_ratios": [0.5, 0.25, 0.25]}})
+    monkeypatch.chdir(tmp_path)
+    run_stages(params, "prepare_audio")
+    report = json.loads(Path("data/audio/prepare_report.json").read_text())
+    assert report["source"] == source and report["truncated"] == 12  # 2-5 s clips, the tiny window is 2 s
+    assert {k: v["items"] for k, v in report["splits"].items()} == {"train": 6, "val": 3, "test": 3}
+    assert sum(v["captions"] for v in report["splits"].values()) == 36
+    feats = load_features("data/audio/features", "train")
+    assert feats.items.shape == (6, 32 * 4) and feats.text.shape == (18, 384)
+    test = datasets.load_from_disk("data/audio/dataset")["test"]
+    assert test.column_names[:3] == ["id", "audio", "captions"] and isinstance(test[0]["audio"], bytes)

@@ -149,6 +149,15 @@ def decode_audio(value: Any, sampling_rate: int, max_seconds: float | None = Non
     return DecodedAudio(np.ascontiguousarray(x, dtype=np.float32), sampling_rate, seconds, truncated)
 
 
+def flac_bytes(samples: Any, sampling_rate: int) -> bytes:
+    """A mono clip as the bytes of a FLAC file (16-bit): how datasets keep audio, a fifth of float32's size."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, sampling_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
 @dataclass
 class AudioReport:
     """What clean_audio_rows did: samples skipped by reason, and clips cut to the window."""

@@ -126,7 +126,7 @@ class VisionTextAligner(nn.Module):
         preprocessed batch -> z (B, d_align)."""
         enc = self.encoder(modality)
         if not isinstance(items, (torch.Tensor, dict)):
-            items = enc.preprocess([_open(x) for x in items] if modality == "image" else list(items))
+            items = enc.preprocess(list(items))
         return self.adapters[modality](enc(items).to(self._device()))
 
     def encode_images(self, images: Sequence[Image.Image | str | Path] | torch.Tensor) -> torch.Tensor:
@@ -165,6 +165,3 @@ class VisionTextAligner(nn.Module):
             raise ValueError(f"checkpoint {directory} does not match the model: missing {missing}, unexpected {unexpected}")
         return model
 
-
-def _open(im: Image.Image | str | Path) -> Image.Image:
-    return im if isinstance(im, Image.Image) else Image.open(im)

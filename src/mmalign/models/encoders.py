@@ -148,8 +148,9 @@ class FrozenVisionEncoder(nn.Module):
     def train(self, mode: bool = True) -> "FrozenVisionEncoder":
         return super().train(False)  # stays in eval mode whatever the parent does
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values (B, 3, H, W), the values the model's image processor computes."""
+    def preprocess(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """PIL images (or paths) -> pixel_values (B, 3, H, W), the values the model's image processor computes."""
+        images = [im if isinstance(im, Image.Image) else Image.open(im) for im in images]
         fast = batched_pixel_values(self.processor, images)
         if fast is not None:
             return fast

@@ -50,14 +50,22 @@ def retrieval(model: VisionTextAligner, test: Features, m: Modality) -> tuple[di
     return out, (z, z_t)
 
 
-def thumbnails(m: Modality, values: list[Any]) -> list[Any]:
-    """What a figure shows of an item: the image, or the clip's spectrogram."""
-    if m.name != "audio":
-        return values
+def _spectrogram(clip: Any) -> Any:
     from ..data.audio import decode_audio
 
-    clips = [decode_audio(v, 16000) for v in values]
-    return [plots.spectrogram(c.samples, c.sampling_rate) for c in clips]
+    decoded = decode_audio(clip, 16000)
+    return plots.spectrogram(decoded.samples, decoded.sampling_rate)
+
+
+# What a figure shows of a stored item of a modality (a dataset column value); the default: the value itself
+# (a PIL image). Kept here, not in modalities.py, so the prepare stages do not depend on the plotting code.
+THUMBNAILS = {"audio": _spectrogram}
+
+
+def thumbnails(m: Modality, values: list[Any]) -> list[Any]:
+    """What a figure shows of each item: the image, or the clip's spectrogram."""
+    show = THUMBNAILS.get(m.name, lambda v: v)
+    return [show(v) for v in values]
 
 
 def retrieval_figure(z: torch.Tensor, z_t: torch.Tensor, test: Features, split: Any, m: Modality, n_queries: int = 4,

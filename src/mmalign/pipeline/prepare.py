@@ -7,7 +7,6 @@ audio change never re-extracts an image feature and the reverse. The LLM is not 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import BUILTIN_AUDIO, BUILTIN_VISION, ModelsConfig, PrepareConfig
+from ..data.audio import flac_bytes
 from ..data.features import build_feature_cache
 from ..data.samples import clean_split
 from ..data.sources import check_not_empty, load_source, split_sizes
@@ -45,18 +45,6 @@ def synthetic_dataset(cfg: PrepareConfig) -> Any:
             "captions": [s["captions"] for s in rows], "objects": [json.dumps(s["objects"]) for s in rows],
         }, features=features)
         for name, rows in splits.items()})
-
-
-def flac_bytes(samples: Any, sampling_rate: int) -> bytes:
-    """A mono clip as the bytes of a FLAC file (16-bit): how datasets keep audio, a fifth of float32's size."""
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, samples, sampling_rate, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
-
-
-AUDIO_FEATURES = {"id": "string", "audio": "binary", "captions": ["string"]}  # + events (synthetic)
 
 
 def synthetic_audio_dataset(cfg: PrepareConfig) -> Any:
@@ -107,7 +95,7 @@ def user_audio_dataset(cfg: PrepareConfig, encoder: Any) -> tuple[Any, dict[str,
     splits, skipped, truncated, where = load_audio_source(cfg.audio, encoder.sampling_rate, encoder.window_seconds)
     log.info("%s: %s clips (%d bad samples skipped, %d cut to the %g s window)", where, split_sizes(splits),
              sum(skipped.values()), truncated, encoder.window_seconds)
-    return datasets.DatasetDict(splits), {**dict(sorted(skipped.items())), **({"truncated": truncated} if truncated else {})}
+    return datasets.DatasetDict(splits), {**dict(sorted(skipped.items())), "truncated": truncated}
 
 
 @dataclass(frozen=True)
@@ -132,7 +120,7 @@ def recipe(modality: str, models: ModelsConfig, cfg: PrepareConfig) -> Recipe:
         a = cfg.audio
         return Recipe(models.audio, BUILTIN_AUDIO, lambda d: build_tiny_whisper(d / "tiny-whisper", a.tiny_whisper),
                       {"pooling": a.pooling, "grid": a.grid}, a.batch_size, a.source, a.on_bad_sample,
-                      lambda: (synthetic_audio_dataset(cfg), {}), lambda work, enc: user_audio_dataset(cfg, enc))
+                      lambda: (synthetic_audio_dataset(cfg), {"truncated": 0}), lambda work, enc: user_audio_dataset(cfg, enc))
     from ..standins.tiny_clip import build_tiny_clip
 
     return Recipe(models.vision, BUILTIN_VISION, lambda d: build_tiny_clip(d / "tiny-clip", cfg.tiny_clip, cfg.image_size),
@@ -207,19 +195,19 @@ def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir:
     finally:
         if main:
             shutil.rmtree(work, ignore_errors=True)
-    truncated = skipped.pop("truncated", 0)  # clips cut to the encoder window: kept, but counted
+    truncated = skipped.pop("truncated", None)  # clips cut to the encoder window (audio sources): kept, counted
     report = {
         "modality": modality, "enabled": True, "source": r.source,
         "splits": {name: {"items": len(split), "captions": sum(len(c) for c in split["captions"])}
                    for name, split in dataset.items()},
         "on_bad_sample": r.on_bad_sample,
         "skipped": skipped,
-        **({"truncated": truncated} if modality == "audio" else {}),
+        **({"truncated": truncated} if truncated is not None else {}),
         "models": resolved,
         "dim": fingerprint["dim"], "text_dim": fingerprint["text_dim"],
     }
     write_json(report_path, report)
     tracker.log_metrics({f"{name}_{k}": v for name, s in report["splits"].items() for k, v in s.items()})
-    tracker.log_metrics({"skipped": {**skipped, "total": sum(skipped.values())}, "truncated": truncated})
+    tracker.log_metrics({"skipped": {**skipped, "total": sum(skipped.values())}, "truncated": truncated or 0})
     tracker.log_artifact(report_path)
     return report
