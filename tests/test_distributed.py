@@ -43,7 +43,7 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path, term):
                 assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), (r, step, k)
         assert ref.keys() == got.keys()
         grads = [k for k in ref if k.startswith("step")]
-        assert any("vision_adapter" in k for k in grads) and any("text_adapter" in k for k in grads)
+        assert any("adapters.image" in k for k in grads) and any("text_adapter" in k for k in grads)
         for k in ref:  # every step's adapter + temperature gradients, and the trained weights
             torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"rank {r} {k}: {m}")
         assert any(ref[k].abs().max() > 1e-3 for k in grads)  # the gradients are not trivially zero

@@ -91,6 +91,7 @@ def run_pipeline(tmp_path, tiny_params_file, tiny_clip_dir, tiny_llm_dir, shared
 
     def run(prepare_params: dict) -> dict:
         params = deep_update(yaml.safe_load(tiny_params_file.read_text()), {
+            "modalities": {"audio": False},  # image sources: the image stages alone
             "models": {"vision": str(tiny_clip_dir), "llm": str(tiny_llm_dir)},
             "prepare": prepare_params, "align": {"batch_size": 4}, "evaluate": {"captioning": False}})
         tiny_params_file.write_text(yaml.safe_dump(params))
@@ -116,7 +117,7 @@ def test_saved_dataset_with_5_captions_per_image(tmp_path, run_pipeline):
                                 "test": dataset_5_captions(4, 12)})
     src.save_to_disk(str(tmp_path / "flickr"))
     report = run_pipeline({"source": "hf", "hf": {"path": str(tmp_path / "flickr")}})
-    assert report["splits"]["train"] == {"images": 8, "captions": 40} and report["skipped"] == {}
+    assert report["splits"]["train"] == {"items": 8, "captions": 40} and report["skipped"] == {}
     ds = check_outputs(tmp_path, {"train": 8, "val": 4, "test": 4})
     assert ds["test"]["captions"][0] == captions(12) and ds["test"]["id"][0] == "test/0"
 
@@ -125,7 +126,7 @@ def test_parquet_with_one_row_per_caption_is_grouped_by_id(tmp_path, run_pipelin
     dataset_row_per_caption(16).to_parquet(str(tmp_path / "coco.parquet"))
     report = run_pipeline({"source": "hf", "split_ratios": [0.5, 0.25, 0.25],
                            "hf": {"path": str(tmp_path / "coco.parquet"), "id_column": "image_id"}})
-    assert report["splits"]["test"] == {"images": 4, "captions": 20}
+    assert report["splits"]["test"] == {"items": 4, "captions": 20}
     ds = check_outputs(tmp_path, {"train": 8, "val": 4, "test": 4})
     ids = [i for split in ds.values() for i in split["id"]]
     assert sorted(ids, key=int) == [str(i) for i in range(16)]  # every image in exactly one split
@@ -153,9 +154,9 @@ def test_image_folder_with_csv_one_split_and_bad_files_skipped(tmp_path, run_pip
                            "imagefolder": {"path": str(tmp_path / "pics")}})
     assert report["skipped"] == {"empty_caption": 1, "empty_file": 1, "missing_file": 1, "truncated_image": 1,
                                  "unreadable_image": 1}
-    n = {k: v["images"] for k, v in report["splits"].items()}
+    n = {k: v["items"] for k, v in report["splits"].items()}
     assert n == {"train": 8, "val": 4, "test": 4}  # bad files go before the 0.5/0.25/0.25 split, not after
-    assert sum(n.values()) == 16 and all(v["captions"] == N_CAPS * v["images"] for v in report["splits"].values())
+    assert sum(n.values()) == 16 and all(v["captions"] == N_CAPS * v["items"] for v in report["splits"].values())
     check_outputs(tmp_path, n)
     prep = [r for r in mlflow.search_runs(experiment_names=["mmalign"], output_format="list")
             if r.data.tags.get("mmalign.stage") == "prepare" and r.data.metrics.get("skipped.total") == 5]

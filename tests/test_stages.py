@@ -12,7 +12,7 @@ from helpers.tiny_models import tiny_sentence_transformer
 from stages import prepare
 
 ARGS = STAGE_ARGS
-KEYS = {"R1", "R5", "R10", "mean_rank"}
+KEYS = {"R1", "R5", "R10", "mean_rank", "median_rank", "mAP10"}
 CAPTION_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct"}
 
 
@@ -31,11 +31,13 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     assert (d / "models/llm/tiny-qwen2/model.safetensors").exists()
     assert (d / "models/aligner/model.safetensors").exists() and (d / "models/projector/model.safetensors").exists()
     report = json.loads((d / "data/prepare_report.json").read_text())
-    assert report["splits"]["train"] == {"images": 48, "captions": 48 * 3}
+    assert report["splits"]["train"] == {"items": 48, "captions": 48 * 3}
 
     headline = json.loads((d / "eval/metrics.json").read_text())  # what `dvc exp show` compares
     assert set(headline) == {
-        "i2t_R1", "t2i_R1", "chance_i2t_R1", "chance_t2i_R1", "CIDEr", "blind_CIDEr", "distinct"}
+        "i2t_R1", "t2i_R1", "chance_i2t_R1", "chance_t2i_R1", "CIDEr", "blind_CIDEr", "distinct",
+        "a2t_R1", "t2a_R1", "chance_a2t_R1", "chance_t2a_R1", "t2a_mAP10", "audio_CIDEr", "audio_blind_CIDEr",
+        "audio_distinct"}
     metrics = json.loads((d / "eval/metrics_all.json").read_text())["image"]  # every number
     assert headline["CIDEr"] == metrics["captioning"]["trained"]["CIDEr"]
     ret = metrics["retrieval"]
@@ -48,7 +50,8 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     by_dim = metrics["captioning"]["by_dim"]  # captions from every MRL dim of one Matryoshka-trained projector
     assert set(by_dim) == {"8", "16", "32"} and all(set(m) == CAPTION_KEYS for m in by_dim.values())
     assert by_dim["32"] == metrics["captioning"]["trained"]
-    assert (d / "eval/captions.csv").read_text().count("\n") == 16 + 1
+    assert (d / "eval/examples/captions.csv").read_text().count("\n") == 16 + 1
+    assert (d / "eval/examples/audio_captions.csv").read_text().count("\n") == 8 + 1
     assert (d / "eval/plots/r1_by_dim.csv").exists() and (d / "eval/plots/cider_by_dim.csv").exists() and (d / "plots/align/loss.csv").exists()
 
     # One MLflow run per stage, nested under one parent run of the pipeline; evaluate carries all params + figures.
@@ -56,7 +59,7 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     (parent,) = [r for r in runs if "mmalign.stage" not in r.data.tags]
     runs = [r for r in runs if r is not parent]
     by_stage = {r.data.tags["mmalign.stage"]: r for r in runs}
-    assert set(by_stage) == {"prepare", "llm", "align", "project", "evaluate"}
+    assert set(by_stage) == {"prepare", "prepare_audio", "llm", "align", "project", "evaluate"}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert len({r.data.tags["mmalign.pipeline"] for r in [parent, *runs]}) == 1
     inputs = {i.tags[0].value: i.dataset for i in by_stage["prepare"].inputs.dataset_inputs}
@@ -68,16 +71,18 @@ def test_four_stages_write_their_outputs_and_metrics(pipeline_dir, mlflow_uri):
     client = mlflow.MlflowClient()
     figures = {f.path for f in client.list_artifacts(ev.info.run_id, "figures")}
     assert {"figures/r1_by_dim.png", "figures/caption_gallery.png", "figures/retrieval_examples.png",
-            "figures/cider_by_dim.png"} <= figures
+            "figures/cider_by_dim.png", "figures/audio_r1_by_dim.png", "figures/audio_caption_gallery.png",
+            "figures/audio_retrieval_examples.png", "figures/audio_cider_by_dim.png"} <= figures
+    assert ev.data.metrics["a2t_R1"] == headline["a2t_R1"] == ev.data.metrics["audio.retrieval.a2t.R1"]
     for stage in ("align", "project"):  # each training stage draws its own loss curve
         assert [f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "figures")] == [f"figures/{stage}_loss.png"]
     assert any(k.startswith("train/loss") for k in by_stage["align"].data.metrics)
     # project captions 16 fixed val images after each epoch (1 here): a table and their distinct share
     pr = by_stage["project"]
-    assert 0 < pr.data.metrics["val/distinct"] <= 1
+    assert 0 < pr.data.metrics["val/distinct"] <= 1 and 0 < pr.data.metrics["val/audio_distinct"] <= 1
     (table,) = client.list_artifacts(pr.info.run_id, "watch_captions")
     rows = json.loads(open(client.download_artifacts(pr.info.run_id, table.path, str(d))).read())["data"]
-    assert len(rows) == 16 and all(isinstance(r[2], str) for r in rows)
+    assert [r[1] for r in rows] == ["image"] * 16 + ["audio"] * 8 and all(isinstance(r[3], str) for r in rows)
     assert not client.search_registered_models()  # evaluate logs the captioner; registering is a choice
     check_register()
     for run in runs:  # nothing from the environment is logged
@@ -108,9 +113,9 @@ def test_pipeline_on_local_models_by_path(tmp_path, tiny_params_file, tiny_clip_
     tiny_params_file.write_text(yaml.safe_dump(params))
     run_stages(tiny_params_file)
     report = json.loads((tmp_path / "data/prepare_report.json").read_text())
-    assert report["models"] == {"vision": str(tiny_clip_dir), "text": str(text_dir)}
+    assert report["models"] == {"encoder": str(tiny_clip_dir), "text": str(text_dir)}
     assert json.loads((tmp_path / "models/llm/models.json").read_text()) == {"llm": str(tiny_chat_llm_dir)}
-    assert report["text_dim"] == 32 and report["vision_dim"] == 32
+    assert report["text_dim"] == 32 and report["dim"] == 32
     assert not (tmp_path / "models/builtin/tiny-clip").exists() and not (tmp_path / "models/llm/tiny-qwen2").exists()
     metrics = json.loads((tmp_path / "eval/metrics_all.json").read_text())["image"]
     assert set(metrics["captioning"]["trained"]) == CAPTION_KEYS

@@ -88,6 +88,7 @@ def test_bad_members_stop_or_are_counted(tmp_path):
 def shard_params(tmp_path, tiny_params_file, tiny_clip_dir, tiny_llm_dir):
     shards = write_shards(tmp_path / "cc3m")
     params = deep_update(yaml.safe_load(tiny_params_file.read_text()), {
+        "modalities": {"audio": False},  # image shards: the image stages alone
         "models": {"vision": str(tiny_clip_dir), "llm": str(tiny_llm_dir)},
         "prepare": {"source": "webdataset", "on_bad_sample": "skip", "split_ratios": [0.5, 0.25, 0.25],
                     "webdataset": {"path": str(shards / "{00000..00002}.tar")}},
@@ -101,7 +102,7 @@ def test_the_whole_pipeline_on_img2dataset_shards(tmp_path, shard_params, mlflow
     run_stages(shard_params)
     report = json.loads((tmp_path / "data/prepare_report.json").read_text())
     assert report["skipped"] == {"missing_caption": 1, "truncated_image": 1}
-    assert {k: v["images"] for k, v in report["splits"].items()} == {"train": 10, "val": 6, "test": 6}
+    assert {k: v["items"] for k, v in report["splits"].items()} == {"train": 10, "val": 6, "test": 6}
     metrics = json.loads((tmp_path / "eval/metrics_all.json").read_text())["image"]
     assert metrics["retrieval"]["chance"]["t2i"]["R1"] == pytest.approx(1 / 6)
     assert "CIDEr" in metrics["captioning"]["trained"]

@@ -75,8 +75,6 @@ def modality_dirs(values: tuple[str, ...] | list[str]) -> dict[str, Path]:
         name, sep, path = value.partition("=")
         name, path = (name, path) if sep else ("image", value)
         modality(name)  # an unknown modality name fails here, naming the allowed ones
-        if not Path(path).exists():
-            raise ValueError(f"{name} directory '{path}' does not exist: run `dvc repro` (the prepare stages write it)")
         out[name] = Path(path)
     return out
 
@@ -88,6 +86,10 @@ def enabled_dirs(params: dict[str, Any], dirs: dict[str, Path], what: str) -> di
     if missing:
         raise ValueError(f"modalities.{missing[0]} is on but no {what} directory was given for it "
                          f"(--{what} {missing[0]}=DIR): check the stage's cmd in dvc.yaml")
+    for m in enabled:
+        if not dirs[m].exists():
+            raise ValueError(f"{m} {what} directory '{dirs[m]}' does not exist: run `dvc repro` (the prepare stages "
+                             "write it)")
     return {m: dirs[m] for m in enabled}
 
 
