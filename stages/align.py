@@ -8,7 +8,8 @@ import click
 
 from mmalign.training import distributed
 from mmalign.entry import run_entry
-from mmalign.params import align_config, enabled_dirs, load_params, modality_dirs, preflight, setup_logging, tracking_config
+from mmalign.params import (align_config, enabled_dirs, load_params, modality_dirs, preflight, setup_logging,
+                            tracking_config)
 from mmalign.pipeline import align
 from mmalign.tracking import stage_run
 

@@ -14,7 +14,7 @@ from mmalign.params import (enabled_dirs, load_params, modality_dirs, models_con
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--dataset", multiple=True, required=True,
-              help="dataset dir per modality, MODALITY=DIR (repeat; the stand-in is pretrained on their training captions)")
+              help="dataset dir per modality, MODALITY=DIR (repeat); the stand-in pretrains on their train captions")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="LLM dir out (models.json names the LLM)")
 def main(params_path: str, dataset: tuple[str, ...], out: Path) -> None:
     setup_logging()

@@ -34,7 +34,8 @@ def main(modality: str, params_path: str, dataset: Path, models_dir: Path, featu
                    {"models": params.get("models", {}), "prepare": params.get("prepare", {})}, params) as tracker:
         prepare.run(models, cfg, dataset, models_dir, features, report, tracker, modality, enabled)
         if enabled:
-            log_prepared_dataset(tracker, cfg.audio if modality == "audio" else cfg, dataset, modality=modality)  # the run's Datasets: the origin + a digest of what was kept
+            # the run's Datasets: the origin + a digest of what was kept
+            log_prepared_dataset(tracker, cfg.audio if modality == "audio" else cfg, dataset, modality=modality)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ class HFAudioSourceConfig:
     name: Str | None = None
     revision: Str | None = None
     audio_column: Str = "audio"  # datasets.Audio (read undecoded: soundfile decodes), bytes, or file paths
-    caption_column: Str | list[Str] = "caption"  # a column of strings or lists; a list of columns: Clotho's caption_1..5
+    caption_column: Str | list[Str] = "caption"  # strings or lists; a list of columns: Clotho's caption_1..5
     id_column: Str | None = None  # rows sharing an id are one clip (AudioCaps: one row per caption, `youtube_id`)
     split_column: Str | None = None
 

@@ -247,7 +247,8 @@ class MultimodalLLM(nn.Module):
 
     def generate(self, images: Sequence[Any], prompt: str | None = None,
                  max_new_tokens: int = 48, num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True, modality: str = "image") -> list[str]:
+                 top_p: float = 1.0, batch_size: int = 32, use_cache: bool = True,
+                 modality: str = "image") -> list[str]:
         """PIL images or paths (or with modality="audio", clips: arrays, files, bytes) -> one caption each,
         batched. Greedy (the default) is deterministic. `prompt`: None uses the prompt the projector was
         trained with for the modality (cfg.prompt_for)."""

@@ -82,7 +82,8 @@ def run(cfg: AlignmentConfig, caches: dict[str, Path], modalities: list[str], ou
     sizes = {m: clamp_batch_size(cfg, f.num_items, world, f"{spec(m).noun}s") for m, f in train.items()}
     set_seed(cfg.seed)
     model = VisionTextAligner(part(cfg, AlignerConfig), device=get_device())
-    loaders = {m: FeaturePairBatches(f.items, f.text, f.text_to_item, sizes[m], seed=cfg.seed) for m, f in train.items()}
+    loaders = {m: FeaturePairBatches(f.items, f.text, f.text_to_item, sizes[m], seed=cfg.seed)
+               for m, f in train.items()}
     loader = PairBatches(loaders)  # one modality: exactly its FeaturePairBatches' batches
     for m in modalities:
         log.info("align %s: %d train, %d val %ss, %d steps/epoch of %d (%d processes)", m, train[m].num_items,

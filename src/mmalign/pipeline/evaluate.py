@@ -15,8 +15,8 @@ import torch
 from .. import plots
 from ..config import EvaluateConfig
 from ..data.features import Features, load_features
-from ..metrics import (caption_metrics_groups, chance_retrieval, chance_retrieval_map, distinct_share, retrieval_map_at_k,
-                       retrieval_metrics)
+from ..metrics import (caption_metrics_groups, chance_retrieval, chance_retrieval_map, distinct_share,
+                       retrieval_map_at_k, retrieval_metrics)
 from ..modalities import Modality, modality as spec
 from ..models.aligner import VisionTextAligner
 from ..models.llm import MultimodalLLM
@@ -81,7 +81,8 @@ def retrieval_figure(z: torch.Tensor, z_t: torch.Tensor, test: Features, split: 
 def by_dim_rows(ret: dict[str, Any], m: Modality) -> pd.DataFrame:
     dirs = (f"{m.letter}2t", f"t2{m.letter}")
     return pd.DataFrame([{"dim": int(d), **{f"{x}_R1": r[x]["R1"] for x in dirs},
-                          **{f"chance_{x}_R1": ret["chance"][x]["R1"] for x in dirs}} for d, r in ret["by_dim"].items()])
+                          **{f"chance_{x}_R1": ret["chance"][x]["R1"] for x in dirs}}
+                         for d, r in ret["by_dim"].items()])
 
 
 @torch.no_grad()
@@ -164,7 +165,8 @@ def zero_shot(cfg: EvaluateConfig, model: VisionTextAligner, projector_dir: Path
     for m in caches.keys() - {"image"}:
         z = model.embed_features(load_features(caches[m], "test").items, modality=m, batch_size=CHUNK)
         prefix = torch.cat([solo.prefix_from_z(z[i:i + CHUNK]) for i in range(0, len(z), CHUNK)])
-        sets[m]["zero_shot"] = generate_all(solo, prefix, cfg, f"{m}, image-only projector", solo.cfg.prompt_for("image"))
+        sets[m]["zero_shot"] = generate_all(solo, prefix, cfg, f"{m}, image-only projector",
+                                            solo.cfg.prompt_for("image"))
 
 
 def evaluate_retrieval(model: VisionTextAligner, m: Modality, cache: Path, test_split: Any | None, out_dir: Path,

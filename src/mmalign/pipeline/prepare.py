@@ -120,10 +120,12 @@ def recipe(modality: str, models: ModelsConfig, cfg: PrepareConfig) -> Recipe:
         a = cfg.audio
         return Recipe(models.audio, BUILTIN_AUDIO, lambda d: build_tiny_whisper(d / "tiny-whisper", a.tiny_whisper),
                       {"pooling": a.pooling, "grid": a.grid}, a.batch_size, a.source, a.on_bad_sample,
-                      lambda: (synthetic_audio_dataset(cfg), {"truncated": 0}), lambda work, enc: user_audio_dataset(cfg, enc))
+                      lambda: (synthetic_audio_dataset(cfg), {"truncated": 0}),
+                      lambda work, enc: user_audio_dataset(cfg, enc))
     from ..standins.tiny_clip import build_tiny_clip
 
-    return Recipe(models.vision, BUILTIN_VISION, lambda d: build_tiny_clip(d / "tiny-clip", cfg.tiny_clip, cfg.image_size),
+    return Recipe(models.vision, BUILTIN_VISION,
+                  lambda d: build_tiny_clip(d / "tiny-clip", cfg.tiny_clip, cfg.image_size),
                   {"pooling": cfg.vision_pooling, "grid": cfg.vision_grid}, cfg.batch_size, cfg.source,
                   cfg.on_bad_sample, lambda: (synthetic_dataset(cfg), {}), lambda work, enc: user_dataset(cfg, work))
 
