@@ -34,7 +34,7 @@ def main(params_path: str, aligner: Path, features: tuple[str, ...], projector: 
     with stage_run("evaluate", tracking.experiment, tracking.required, params, params) as tracker:
         prepare = prepare_config(params)
         for m, d in datasets.items():  # the test splits this run scores (also the registered model's data)
-            log_prepared_dataset(tracker, prepare.audio if m == "audio" else prepare, d, splits=("test",), modality=m)
+            log_prepared_dataset(tracker, prepare.section(m), d, splits=("test",), modality=m)
         evaluate.run(cfg, aligner, caches, out, tracker, projector, datasets)
         if cfg.captioning and projector is not None:  # logged, not registered: `mmalign register` is a choice
             log_captioner(tracker, aligner, projector, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)

@@ -35,7 +35,7 @@ def main(modality: str, params_path: str, dataset: Path, models_dir: Path, featu
         prepare.run(models, cfg, dataset, models_dir, features, report, tracker, modality, enabled)
         if enabled:
             # the run's Datasets: the origin + a digest of what was kept
-            log_prepared_dataset(tracker, cfg.audio if modality == "audio" else cfg, dataset, modality=modality)
+            log_prepared_dataset(tracker, cfg.section(modality), dataset, modality=modality)
 
 
 if __name__ == "__main__":

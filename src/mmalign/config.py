@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import field
-from typing import Annotated, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -335,6 +335,11 @@ class PrepareConfig:
     tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
     tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)
     audio: AudioPrepareConfig = field(default_factory=AudioPrepareConfig)
+
+    def section(self, modality: str) -> Any:
+        """A modality's data keys: the image's are this section's own (its seed-era layout), every other
+        modality's the subsection of its name (`prepare.audio`)."""
+        return self if modality == "image" else getattr(self, modality)
 
     @model_validator(mode="after")
     def _source(self) -> PrepareConfig:
