@@ -1,6 +1,6 @@
 """The trained captioner as an MLflow model: logged with a signature, registered, served, and answering a POST
-(any of MLflow's payload formats) with the same caption as MultimodalLLM.generate; a bad image is a 400 with
-one line; the model carries its code and installs from its own requirements.txt."""
+(any of MLflow's payload formats) with the same caption as MultimodalLLM.generate, for images and audio clips;
+a bad image is a 400 with one line; the model carries its code and installs from its own requirements.txt."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import pytest
 from PIL import Image
 
 from mmalign import MultimodalLLM, VisionTextAligner
-from mmalign.serving.captioner import example_image_png, log_captioner
+from mmalign.serving.captioner import BadInput, example_image_png, log_captioner
 from mmalign.tracking import stage_run
+from test_cli import trained_without
 
 NAME = "mmalign-captioner"
 MAX_NEW_TOKENS = 12
@@ -119,7 +120,8 @@ def test_logged_model_has_signature_example_and_registered_version(registered):
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
     sig = model.metadata.signature
-    assert [c.name for c in sig.inputs.inputs] == ["image", "prompt"] and not sig.inputs.inputs[1].required
+    assert [c.name for c in sig.inputs.inputs] == ["image", "audio", "prompt"]  # one of image, audio per row
+    assert not any(c.required for c in sig.inputs.inputs)
     assert [c.name for c in sig.outputs.inputs] == ["caption"]
     assert sig.params.params[0].name == "max_new_tokens" and sig.params.params[0].default == MAX_NEW_TOKENS
     assert model.metadata.saved_input_example_info is not None
@@ -130,11 +132,47 @@ def test_logged_model_has_signature_example_and_registered_version(registered):
     assert mlflow.MlflowClient().get_model_version(NAME, version).status == "READY"
 
 
-def expected_caption(tiny_checkpoint: Path, png: bytes, monkeypatch) -> str:
+def captioner(tiny_checkpoint: Path, monkeypatch) -> MultimodalLLM:
     monkeypatch.chdir(tiny_checkpoint)  # the checkpoints name their models relative to it
-    mm = MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+    return MultimodalLLM.from_pretrained("models/projector", VisionTextAligner.from_pretrained("models/aligner"))
+
+
+def expected_caption(tiny_checkpoint: Path, png: bytes, monkeypatch) -> str:
+    mm = captioner(tiny_checkpoint, monkeypatch)
     image = Image.open(io.BytesIO(png)).convert("RGB")
     return mm.generate([image], prompt=mm.cfg.prompt, max_new_tokens=MAX_NEW_TOKENS)[0]
+
+
+def flac_clips(tiny_checkpoint: Path, n: int = 2) -> list[bytes]:
+    """FLAC bytes of the tiny audio dataset's test split."""
+    import datasets
+
+    return datasets.load_from_disk(str(tiny_checkpoint / "data/audio/dataset"))["test"][:n]["audio"]
+
+
+def test_logged_model_captions_audio_rows(registered, tiny_checkpoint, monkeypatch):
+    uri, version = registered
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    clips, png = flac_clips(tiny_checkpoint), example_image_png()
+    # each row an image or a clip (bytes or base64), the other column empty; prompts per row
+    out = model.predict(pd.DataFrame({"image": [None, png, None, None],
+                                      "audio": [clips[0], None, base64.b64encode(clips[1]).decode(), clips[1]],
+                                      "prompt": [None, None, "", "What is here?"]}))
+    mm = captioner(tiny_checkpoint, monkeypatch)
+    heard = mm.generate(clips, max_new_tokens=MAX_NEW_TOKENS, modality="audio")  # "Describe this sound:"
+    asked = mm.generate(clips[1:], "What is here?", MAX_NEW_TOKENS, modality="audio")
+    seen = mm.generate([Image.open(io.BytesIO(png)).convert("RGB")], max_new_tokens=MAX_NEW_TOKENS)
+    assert list(out["caption"]) == [heard[0], seen[0], heard[1], asked[0]]
+    assert list(model.predict(pd.DataFrame({"audio": clips}))["caption"]) == heard  # no image column at all
+
+    for frame, message in [({"image": [png, png], "audio": [None, clips[0]]}, "row 1: give an image or an audio "
+                            "clip, not both"),
+                           ({"image": [png, None], "audio": [None, None]}, "row 1: no image and no audio"),
+                           ({"audio": [clips[0], b"RIFF not a wav"]}, "row 1, column audio: unreadable audio"),
+                           ({"prompt": ["hi"]}, "needs a column 'image' .* or 'audio'")]:
+        with pytest.raises(BadInput, match=message):
+            model.predict(pd.DataFrame(frame))
 
 
 def test_served_model_answers_every_payload_and_a_bad_image_with_one_line(registered, tiny_checkpoint, tmp_path,
@@ -148,6 +186,10 @@ def test_served_model_answers_every_payload_and_a_bad_image_with_one_line(regist
     proc = serve(f"models:/{NAME}/{version}", sys.executable, tmp_path / "serve.log", elsewhere, env)
     try:
         answers = {name: post(f"{proc.url}/invocations", body) for name, body in payloads(png).items()}
+        clip = base64.b64encode(flac_clips(tiny_checkpoint, 1)[0]).decode()
+        heard = [post(f"{proc.url}/invocations", body) for body in (
+            {"dataframe_records": [{"audio": clip}]},
+            {"inputs": [{"image": base64.b64encode(png).decode()}, {"audio": clip}]})]  # records may mix
         bad = {"inputs": {"image": [base64.b64encode(b"not an image").decode()]}}
         error = post(f"{proc.url}/invocations", bad, status=400)
         error_split = post(f"{proc.url}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["%%"]]}},
@@ -157,6 +199,10 @@ def test_served_model_answers_every_payload_and_a_bad_image_with_one_line(regist
 
     expected = expected_caption(tiny_checkpoint, png, monkeypatch)
     assert expected and answers == dict.fromkeys(answers, {"predictions": [{"caption": expected}]})
+    sound = captioner(tiny_checkpoint, monkeypatch).generate(flac_clips(tiny_checkpoint, 1),
+                                                             max_new_tokens=MAX_NEW_TOKENS, modality="audio")[0]
+    assert heard == [{"predictions": [{"caption": sound}]},
+                     {"predictions": [{"caption": expected}, {"caption": sound}]}]
     for e in (error, error_split):
         assert e["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in e
         assert "\n" not in e["message"] and e["message"].startswith("row 0, column image:"), e
@@ -214,4 +260,18 @@ def test_log_into_a_run_by_id_and_model_sources(tiny_checkpoint, tmp_path, monke
     run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("x")).info.run_id
     info = log_captioner(run_id, "models/aligner", "models/projector")  # logged, not registered
     assert info.run_id == run_id and info.registered_model_version is None
-    assert set(info.flavors["python_function"]["artifacts"]) == {"aligner", "projector", "llm", "vision"}
+    assert set(info.flavors["python_function"]["artifacts"]) == {"aligner", "projector", "llm", "vision", "audio"}
+
+
+def test_aligner_trained_without_images_logs_no_vision_encoder(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_checkpoint)
+    aligner = trained_without("image", tmp_path / "aligner")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("x")).info.run_id
+    info = log_captioner(run_id, aligner, "models/projector", max_new_tokens=4)
+    assert set(info.flavors["python_function"]["artifacts"]) == {"aligner", "projector", "llm", "audio"}
+    model = mlflow.pyfunc.load_model(info.model_uri)  # its input example is a clip
+    clip = flac_clips(tiny_checkpoint, 1)
+    assert len(model.predict(pd.DataFrame({"audio": clip}))) == 1
+    with pytest.raises(BadInput, match="row 0, column image: this model was trained without image"):
+        model.predict(pd.DataFrame({"image": [example_image_png()]}))

@@ -63,14 +63,16 @@ aligner_option = click.option("--aligner", default="models/aligner", show_defaul
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="Where the models run (auto: cuda, then mps, then cpu).")
 strict_option = click.option("--strict", is_flag=True,
-                             help="Stop at the first unreadable image instead of skipping it with a warning.")
+                             help="Stop at the first unreadable image or audio file instead of skipping it with a "
+                                  "warning.")
+audio_help = "An audio file (.wav, .flac, .ogg, .mp3) or a directory of them (repeatable)."
 dim_option = click.option("--dim", type=click.IntRange(min=1), default=None,
                           help="Matryoshka embedding size: a prefix of the aligned embedding, re-normalised. "
                                "One of the trained sizes (the checkpoint's mrl_dims); default: the full d_align.")
 
 
 def embedding_options(command):
-    """The options embed and search share: batch size, which checkpoint, where it runs, bad-image policy."""
+    """The options embed and search share: batch size, which checkpoint, where it runs, bad-file policy."""
     for option in reversed((click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
                             aligner_option, model_option, device_option, strict_option)):
         command = option(command)
@@ -80,7 +82,8 @@ def embedding_options(command):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mmalign")
 def mmalign() -> None:
-    """Use a trained mmalign checkpoint: caption images, embed images or texts, search images by text.
+    """Use a trained mmalign checkpoint: caption images and audio, embed images, audio or texts, search images
+    or audio by text.
 
     Checkpoints name their frozen models by the paths `dvc repro` wrote (relative to the repo root),
     so run these commands from the repo root, or export the model (`mmalign export --out DIR`) and pass
@@ -98,9 +101,12 @@ def quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def report_skipped(skipped: list[tuple[Path, str]] | None) -> None:
+def report_skipped(skipped: list[tuple[Path, str]] | None, modality: str | None = "image") -> None:
+    """One warning naming the files left out; `modality` None: files of several modalities."""
     if skipped:
-        report(f"warning: skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)}: "
+        from .serving.inference import plural
+
+        report(f"warning: skipped {len(skipped)} unreadable {plural(modality, len(skipped))}: "
                + ", ".join(str(p) for p, _ in skipped) + " (--strict stops at the first instead)")
 
 
@@ -120,45 +126,52 @@ def kept(paths: list[Path], skipped: list[tuple[Path, str]] | None) -> list[Path
 
 
 @mmalign.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @aligner_option
 @click.option("--projector", default="models/projector", show_default=True,
               type=click.Path(path_type=Path, file_okay=False), help="Phase 2 checkpoint directory.")
-@click.option("--prompt", default=None, help="Prompt for the LLM. Default: the one the projector was trained with.")
+@click.option("--prompt", default=None,
+              help="Prompt for the LLM. Default: the one the projector was trained with for the file's modality.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="captions.csv or captions.jsonl (columns image, caption). Default: stdout, "
-                   "one 'IMAGE<TAB>CAPTION' line per image.")
+              help="captions.csv or captions.jsonl (columns image, caption; audio instead of image when every "
+                   "file is audio, file when they mix). Default: stdout, one 'FILE<TAB>CAPTION' line per file.")
 @model_option
 @device_option
 @strict_option
-def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: str | None, max_new_tokens: int,
+def caption(files: tuple[Path, ...], aligner: Path, projector: Path, prompt: str | None, max_new_tokens: int,
             batch_size: int, output: Path | None, model: Path | None, device: str, strict: bool) -> None:
-    """Caption IMAGES (files or directories of images) with a trained aligner + projector + LLM.
+    """Caption FILES (images, audio clips, or directories of them) with a trained aligner + projector + LLM.
 
-    Greedy decoding: the same images always get the same captions. An unreadable image is skipped with
+    A file is audio by its extension (.wav, .flac, .ogg, .mp3), else an image; a list may mix them. A
+    directory stands for its files of the modalities the aligner was trained on.
+    Greedy decoding: the same files always get the same captions. An unreadable file is skipped with
     a warning (no row in the output), unless --strict.
     """
     check_suffix(output, TABLE_SUFFIXES)
     quiet_loading()
-    from .serving.inference import caption_files, list_images, load_captioner, resolve_device
+    from .serving.inference import (caption_files, list_files, load_captioner, modalities_of, modality_of,
+                                    resolve_device, trained_modalities)
 
     aligner, projector = checkpoints(model, aligner, projector)
     if projector is None:
         raise click.UsageError(f"the model in {model} has no projector (an aligner-only export): it cannot caption")
     skipped: list | None = None if strict else []
     with user_errors():
-        paths = list_images(images)
-        mm = load_captioner(aligner, projector, device=resolve_device(device))
+        # a directory holds the files of the modalities the aligner was trained on; a file named is captioned
+        paths = list_files(files, ("image", "audio"), expand=trained_modalities(aligner))
+        found = modalities_of(paths)
+        mm = load_captioner(aligner, projector, device=resolve_device(device), need=found)
         captions = caption_files(mm, paths, prompt, max_new_tokens, batch_size, skipped)
     paths = kept(paths, skipped)
-    report_skipped(skipped)
+    report_skipped(skipped, modality_of(p for p, _ in skipped or ()))
     if output is None:
         for path, text in zip(paths, captions):
             click.echo(f"{path}\t{text}")
         return
-    write_table([{"image": str(p), "caption": c} for p, c in zip(paths, captions)], output)
+    column = found[0] if len(found) == 1 else "file"
+    write_table([{column: str(p), "caption": c} for p, c in zip(paths, captions)], output)
     report(f"wrote {len(captions)} captions to {output}")
 
 
@@ -166,44 +179,47 @@ def caption(images: tuple[Path, ...], aligner: Path, projector: Path, prompt: st
 @click.argument("more", nargs=-1, metavar="[MORE]...")
 @click.option("--images", multiple=True, type=click.Path(path_type=Path),
               help="An image file or a directory of images (repeatable).")
+@click.option("--audio", multiple=True, type=click.Path(path_type=Path), help=audio_help)
 @click.option("--texts", multiple=True,
               help="A text, or a file with one text per line (repeatable).")
 @dim_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="out.npy (float32 array, one row per input, in input order) or out.parquet "
-                   "(columns image or text, and embedding).")
+                   "(columns image, audio or text, and embedding).")
 @embedding_options
-def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...], dim: int | None, output: Path,
-          batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
-    """Embed images or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
+def embed(more: tuple[str, ...], images: tuple[Path, ...], audio: tuple[Path, ...], texts: tuple[str, ...],
+          dim: int | None, output: Path, batch_size: int, aligner: Path, model: Path | None, device: str,
+          strict: bool) -> None:
+    """Embed images, audio or texts into the aligned space, unit-norm, at a chosen Matryoshka size.
 
-    Give either --images or --texts; further arguments (MORE) add to that list, so a shell glob works:
-    `mmalign embed --images photos/*.jpg -o photos.npy`. Directories are searched recursively, files
-    come in sorted order. An unreadable image is skipped with a warning (no row in the output), unless
-    --strict.
+    Give one of --images, --audio or --texts; further arguments (MORE) add to that list, so a shell glob
+    works: `mmalign embed --images photos/*.jpg -o photos.npy`. Directories are searched recursively, files
+    come in sorted order. An unreadable image or audio file is skipped with a warning (no row in the output),
+    unless --strict.
     """
-    if bool(images) == bool(texts):
-        raise click.UsageError("give either --images or --texts (one of them, not both)")
+    given = {kind: values for kind, values in (("image", images), ("audio", audio), ("text", texts)) if values}
+    if len(given) != 1:
+        raise click.UsageError("give either --images, --audio or --texts (one of them, not more)")
     check_suffix(output, EMBED_SUFFIXES)
     quiet_loading()
     import numpy as np
 
-    from .serving.inference import embed_images, embed_texts, list_images, load_aligner, read_texts, resolve_device
+    from .serving.inference import embed_files, embed_texts, list_files, load_aligner, read_texts, resolve_device
     from .utils import atomic_path
 
-    kind = "image" if images else "text"
+    [(kind, values)] = given.items()
     aligner = checkpoints(model, aligner)[0]
     skipped: list | None = None if strict else []
     with user_errors():
-        items: list = list_images([*images, *more]) if images else read_texts([*texts, *more])
-        net = load_aligner(aligner, ("vision" if images else "text",), device=resolve_device(device), dim=dim)
-        if images:
-            z = embed_images(net, items, dim, batch_size, skipped)
-            items = kept(items, skipped)
-        else:
+        items: list = read_texts([*values, *more]) if kind == "text" else list_files([*values, *more], (kind,))
+        net = load_aligner(aligner, (kind,), device=resolve_device(device), dim=dim)
+        if kind == "text":
             z = embed_texts(net, items, dim, batch_size)
+        else:
+            z = embed_files(net, items, kind, dim, batch_size, skipped)
+            items = kept(items, skipped)
         z = z.numpy().astype(np.float32)  # (N, dim)
-    report_skipped(skipped)
+    report_skipped(skipped, kind)
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
             with open(tmp, "wb") as f:  # np.save on a path would append .npy to the temporary name
@@ -217,40 +233,44 @@ def embed(more: tuple[str, ...], images: tuple[Path, ...], texts: tuple[str, ...
 
 @mmalign.command()
 @click.argument("query")
-@click.option("--images", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--images", multiple=True, type=click.Path(path_type=Path),
               help="A directory of images, or an image file (repeatable).")
+@click.option("--audio", multiple=True, type=click.Path(path_type=Path), help=audio_help)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @dim_option
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="results.csv or results.jsonl (columns rank, score, image). Default: stdout, "
-                   "one 'SCORE<TAB>IMAGE' line per result, best first.")
+              help="results.csv or results.jsonl (columns rank, score, image or audio). Default: stdout, "
+                   "one 'SCORE<TAB>FILE' line per result, best first.")
 @embedding_options
-def search(query: str, images: tuple[Path, ...], top_k: int, dim: int | None, output: Path | None,
-           batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
-    """Rank the images under --images by how well they match the text QUERY (cosine similarity).
-    An unreadable image is skipped with a warning, unless --strict."""
+def search(query: str, images: tuple[Path, ...], audio: tuple[Path, ...], top_k: int, dim: int | None,
+           output: Path | None, batch_size: int, aligner: Path, model: Path | None, device: str, strict: bool) -> None:
+    """Rank the images under --images (or the audio files under --audio) by how well they match the text
+    QUERY (cosine similarity). An unreadable file is skipped with a warning, unless --strict."""
+    if bool(images) == bool(audio):
+        raise click.UsageError("give either --images or --audio (one of them, not both)")
     check_suffix(output, TABLE_SUFFIXES)
     quiet_loading()
-    from .serving.inference import embed_images, embed_texts, list_images, load_aligner, rank, resolve_device
+    from .serving.inference import embed_files, embed_texts, list_files, load_aligner, plural, rank, resolve_device
 
+    modality = "image" if images else "audio"
     aligner = checkpoints(model, aligner)[0]
     skipped: list | None = None if strict else []
     with user_errors():
-        paths = list_images(images)
-        net = load_aligner(aligner, ("vision", "text"), device=resolve_device(device), dim=dim)
-        z_images = embed_images(net, paths, dim, batch_size, skipped)  # (N, dim)
+        paths = list_files(images or audio, (modality,))
+        net = load_aligner(aligner, (modality, "text"), device=resolve_device(device), dim=dim)
+        z_items = embed_files(net, paths, modality, dim, batch_size, skipped)  # (N, dim)
         z_query = embed_texts(net, [query], dim)[0]  # (dim,)
     paths = kept(paths, skipped)
-    report_skipped(skipped)
-    indices, scores = rank(z_query, z_images, top_k)
-    rows = [{"rank": r + 1, "score": round(s, 6), "image": str(paths[i])}
+    report_skipped(skipped, modality)
+    indices, scores = rank(z_query, z_items, top_k)
+    rows = [{"rank": r + 1, "score": round(s, 6), modality: str(paths[i])}
             for r, (i, s) in enumerate(zip(indices, scores))]
     if output is None:
         for row in rows:
-            click.echo(f"{row['score']:.4f}\t{row['image']}")
+            click.echo(f"{row['score']:.4f}\t{row[modality]}")
         return
     write_table(rows, output)
-    report(f"wrote the top {len(rows)} of {len(paths)} images to {output}")
+    report(f"wrote the top {len(rows)} of {len(paths)} {plural(modality, len(paths))} to {output}")
 
 
 @mmalign.command()

@@ -6,7 +6,8 @@ repo root. An export rewrites those names so the directory stands alone:
     DIR/mmalign.json                          which checkpoints the directory holds
     DIR/aligner/   model.safetensors config.json checksums.json
     DIR/projector/ (the same; absent for an aligner-only export)
-    DIR/models/vision, models/llm, ...        only with copy_models: the frozen models themselves
+    DIR/models/vision, models/audio, models/llm, ...   only with copy_models: the frozen models themselves
+                                              (an encoder only for a modality the aligner was trained on)
 
 A frozen model given by hub id stays a hub id; a local one is named by its absolute path, or, copied
 in, by its path inside DIR (resolved against DIR when loading: inference.load_aligner/load_captioner).
@@ -20,12 +21,10 @@ import shutil
 from pathlib import Path
 
 from ..utils import atomic_path, read_json
-from .inference import MANIFEST
+from .inference import MANIFEST, model_slots
 
 log = logging.getLogger(__name__)
 
-# config key of each frozen model, per checkpoint -> its folder under DIR/models when copied in
-MODEL_KEYS = {"aligner": {"vision_model_name": "vision", "text_model_name": "text"}, "projector": {"model_name": "llm"}}
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "checksums.json")
 
 
@@ -48,17 +47,17 @@ def export_model(aligner_dir: str | Path, projector_dir: str | Path | None, out:
                 if (d / name).is_file():
                     shutil.copy2(d / name, tmp / kind / name)
             cfg = read_json(d / "config.json")
-            for key, folder in MODEL_KEYS[kind].items():
-                name = cfg.get(key)
+            for folder, (holder, key) in model_slots(cfg).items():  # folder: vision, audio, text, llm
+                name = holder.get(key)
                 if not name or not Path(name).expanduser().exists():
                     continue  # a hub id (or unset): loads by name wherever the hub or its cache is
                 local = Path(name).expanduser().resolve()
                 if copy_models:
                     shutil.copytree(local, tmp / "models" / folder)
-                    cfg[key] = f"models/{folder}"
+                    holder[key] = f"models/{folder}"
                 else:
-                    cfg[key] = str(local)
-                models[folder] = cfg[key]
+                    holder[key] = str(local)
+                models[folder] = holder[key]
             (tmp / kind / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         manifest = {"format": "mmalign-export", "version": 1, "aligner": "aligner",
                     "projector": "projector" if projector_dir else None, "models": models}

@@ -1,7 +1,8 @@
-"""A trained checkpoint outside the pipeline: load it, read images, embed at a Matryoshka dim, rank, caption.
+"""A trained checkpoint outside the pipeline: load it, read images and audio, embed at a Matryoshka dim, rank,
+caption.
 
 The `mmalign` command (cli.py) and the MLflow pyfunc (tracking.py) are thin layers over these functions.
-Every problem a user can fix (a missing checkpoint, an unreadable image, a bad dim) is an `InputError`
+Every problem a user can fix (a missing checkpoint, an unreadable file, a bad dim) is an `InputError`
 whose message names the file or value and what to do.
 """
 
@@ -13,12 +14,13 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from PIL import Image
 
 from ..data.images import BadSample, open_rgb
+from ..modalities import MODALITIES
 from ..models.aligner import VisionTextAligner
 from ..models.encoders import ModelLoadError
 from ..models.llm import MultimodalLLM
@@ -26,9 +28,14 @@ from ..training.losses import matryoshka_prefix
 from ..utils import get_device, progress, read_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Extensions PIL can open (.png, .jpg, .webp, ...), for listing a directory.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+AUDIO_SUFFIXES = frozenset((".wav", ".flac", ".ogg", ".mp3"))  # what soundfile (libsndfile) decodes
+SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
+FORMATS = {"image": ".png, .jpg, .webp or other file PIL opens", "audio": ".wav, .flac, .ogg or .mp3"}
+NOUNS = {"image": "image", "audio": "audio file", None: "file"}  # None: a mix of modalities
 
 
 class InputError(ValueError):
@@ -36,67 +43,116 @@ class InputError(ValueError):
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def list_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, directories expanded to the image files under them (sorted, hidden files skipped)."""
+def plural(modality: str | None, n: int = 2) -> str:
+    """The noun of `modality` (None: of several) for n items: "images", "audio file", "files"."""
+    return NOUNS[modality] + "s" * (n != 1)
+
+
+def file_modality(path: str | Path) -> str:
+    """The modality of a file by its extension: audio for .wav, .flac, .ogg, .mp3; image otherwise."""
+    return "audio" if Path(path).suffix.lower() in AUDIO_SUFFIXES else "image"
+
+
+def modalities_of(paths: Iterable[str | Path]) -> list[str]:
+    """The modalities of these files by extension (file_modality), in the order of the modalities table."""
+    found = {file_modality(p) for p in paths}
+    return [m for m in MODALITIES if m in found]
+
+
+def modality_of(paths: Iterable[str | Path]) -> str | None:
+    """The one modality of these files by extension, or None when they mix modalities (or there are none)."""
+    found = modalities_of(paths)
+    return found[0] if len(found) == 1 else None
+
+
+def list_files(paths: Iterable[str | Path], modalities: Sequence[str] = ("image",),
+               expand: Sequence[str] | None = None) -> list[Path]:
+    """Files of `modalities` as given, directories expanded to the files under them of the modalities in `expand`
+    (default: `modalities`), sorted, hidden files skipped."""
+    expand = modalities if expand is None else expand
+    suffixes = frozenset().union(*(SUFFIXES[m] for m in expand))
+    nouns = " or ".join(plural(m) for m in expand)
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise InputError(f"no images in directory {p} (no .png, .jpg, .webp or other file PIL opens)")
+                raise InputError(f"no {nouns} in directory {p} (no {', no '.join(FORMATS[m] for m in expand)})")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise InputError(f"image {p} does not exist")
+            one = modalities[0] if len(modalities) == 1 else file_modality(p)
+            raise InputError(f"{NOUNS[one]} {p} does not exist")
     if not out:
-        raise InputError("no images given")
+        raise InputError(f"no {nouns} given")
     return out
+
+
+def read_file(path: str | Path, decode: Callable[[bytes], T], noun: str = "image") -> T:
+    """A file -> decode(its bytes); InputError naming the file when it cannot be read or decoded."""
+    try:
+        return decode(Path(path).read_bytes())
+    except BadSample as e:
+        raise InputError(f"cannot read {noun} {path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {noun} {path}: {e.strerror or e}") from None
 
 
 def load_image(path: str | Path) -> Image.Image:
     """An image file -> upright RGB (the same decoding `prepare` applies to training images)."""
-    try:
-        return open_rgb(Path(path).read_bytes())[0]
-    except BadSample as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
-    except OSError as e:
-        raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
+    return read_file(path, lambda data: open_rgb(data)[0])
 
 
-def load_images(paths: Sequence[str | Path], skipped: list[tuple[Path, str]] | None = None
-                ) -> tuple[list[Path], list[Image.Image]]:
-    """Image files -> (the paths that were read, their images). `skipped` None: an unreadable file raises
-    InputError; a list: the file is left out with a warning, and (path, reason) appended to the list."""
-    kept: list[Path] = []
-    images: list[Image.Image] = []
-    for path in map(Path, paths):
+def clip_decoder(aligner: VisionTextAligner) -> Callable[[Any], Any]:
+    """Audio file bytes (or a path) -> a clip as the aligner's audio encoder takes it: mono float32 at its rate,
+    cut to its window (what `prepare` does to training clips). Raises BadSample."""
+    encoder = aligner.encoder("audio")
+    return lambda value: encoder.load([value])[0]
+
+
+def loader(aligner: VisionTextAligner, modality: str) -> Callable[[Path], Any]:
+    """path -> what `aligner.encode(modality, ...)` takes; InputError for an unreadable file."""
+    if modality == "image":
+        return load_image
+    decode = clip_decoder(aligner)
+    return lambda path: read_file(path, decode, NOUNS[modality])
+
+
+def load_files(paths: Sequence[str | Path], load: Callable[[Path], T] = load_image,
+               skipped: list[tuple[Path, str]] | None = None) -> tuple[list[int], list[T]]:
+    """Files -> (the positions in `paths` of those read, what `load` made of them). `skipped` None: an unreadable
+    file raises InputError; a list: the file is left out with a warning, and (path, reason) appended to it."""
+    kept: list[int] = []
+    items: list[T] = []
+    for i, path in enumerate(map(Path, paths)):
         try:
-            images.append(load_image(path))
+            items.append(load(path))
         except InputError as e:
             if skipped is None:
                 raise
             log.warning("skipped: %s", e)
             skipped.append((path, str(e)))
             continue
-        kept.append(path)
-    return kept, images
+        kept.append(i)
+    return kept, items
 
 
-def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
-    """Encoded image bytes, or the same as base64 (a string, or its ASCII bytes: MLflow's scoring server
+def decode_value(value: bytes | bytearray | str, decode: Callable[[bytes], T], name: str = "image",
+                 noun: str = "image") -> T:
+    """Encoded file bytes, or the same as base64 (a string, or its ASCII bytes: MLflow's scoring server
     decodes base64 for `dataframe_split`/`dataframe_records` payloads but passes the text of `inputs` and
-    `instances` through as bytes) -> upright RGB."""
+    `instances` through as bytes) -> decode(bytes). `name` starts the InputError's message."""
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=False)
         except (binascii.Error, ValueError) as e:
             raise InputError(f"{name}: not valid base64 ({e})") from None
     if not isinstance(value, (bytes, bytearray)):
-        raise InputError(f"{name}: expected image bytes or a base64 string, got {type(value).__name__}")
+        raise InputError(f"{name}: expected {noun} bytes or a base64 string, got {type(value).__name__}")
     try:
-        return open_rgb(bytes(value))[0]
+        return decode(bytes(value))
     except BadSample as e:
         error = e
     try:
@@ -104,9 +160,14 @@ def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.I
     except (binascii.Error, ValueError):
         raise InputError(f"{name}: {error}") from None
     try:
-        return open_rgb(decoded)[0]
+        return decode(decoded)
     except BadSample as e:
         raise InputError(f"{name}: {e}") from None
+
+
+def decode_image(value: bytes | bytearray | str, name: str = "image") -> Image.Image:
+    """Image bytes or base64 (see decode_value) -> upright RGB."""
+    return decode_value(value, lambda data: open_rgb(data)[0], name)
 
 
 def read_texts(values: Iterable[str]) -> list[str]:
@@ -178,13 +239,32 @@ def _model_error(e: ModelLoadError, checkpoint: Path, key: str, name: str) -> In
                       "and pass --model")
 
 
-def _exported_names(checkpoint: Path, keys: Sequence[str]) -> dict[str, str]:
-    """In an export directory (export.py), models copied in are named relative to it: resolve them."""
-    root = export_root(checkpoint)
-    if root is None:
-        return {}
-    cfg = read_json(checkpoint / "config.json")
-    return {k: resolve_model_name(cfg[k], root) for k in keys if cfg.get(k)}
+def model_slots(cfg: dict) -> dict[str, tuple[dict, str]]:
+    """Where a checkpoint's config.json names the frozen models it loads: {models.<key>: (dict, field)}. An
+    aligner's: its text encoder and the encoder of each modality it was trained on (vision, audio; a seed-era
+    config names no modalities: image only); a projector's: its LLM."""
+    if "text_model_name" not in cfg:
+        return {"llm": (cfg, "model_name")}
+    slots = {"text": (cfg, "text_model_name")}
+    for m in cfg.get("modalities") or ["image"]:
+        slots[MODALITIES[m].model_key] = ((cfg, "vision_model_name") if m == "image"
+                                          else (cfg["encoders"][m], "model_name"))
+    return slots
+
+
+def _named(checkpoint: Path, key: str, models: Mapping[str, str | Path | None]) -> str:
+    """The model `key` as given in `models`, else as the checkpoint's config.json names it."""
+    holder, field = model_slots(read_json(checkpoint / "config.json"))[key]
+    return str(models.get(key) or holder[field])
+
+
+def _model_overrides(checkpoint: Path, models: Mapping[str, str | Path | None]) -> dict[str, Any]:
+    """The checkpoint's config fields that name frozen models, each replaced by `models[key]` when given; in an
+    export directory (export.py) models copied in are named relative to it: resolved."""
+    cfg, root = read_json(checkpoint / "config.json"), export_root(checkpoint)
+    for key, (holder, field) in model_slots(cfg).items():
+        holder[field] = str(models[key]) if models.get(key) else resolve_model_name(holder[field], root)
+    return {k: cfg[k] for k in ("vision_model_name", "text_model_name", "encoders", "model_name") if k in cfg}
 
 
 def model_dirs(model_dir: str | Path) -> tuple[Path, Path | None]:
@@ -204,51 +284,74 @@ def from_pretrained(model_dir: str | Path, device: str = "auto") -> MultimodalLL
     device = resolve_device(device)
     if projector_dir is None:
         return load_aligner(aligner_dir, (), device=device)
-    return load_captioner(aligner_dir, projector_dir, device=device)
+    return load_captioner(aligner_dir, projector_dir, device=device, need=None)
 
 
 def resolve_device(device: str = "auto") -> str:
     return get_device() if device == "auto" else device
 
 
-def load_aligner(aligner_dir: str | Path, need: Sequence[str] = ("vision",), vision: str | None = None,
-                 device: str = "cpu", dim: int | None = None) -> VisionTextAligner:
-    """A Phase 1 checkpoint in eval mode, with the frozen encoders named in `need` loaded now (so a missing
-    encoder fails here with a clear message). `vision` overrides the vision encoder path it was trained with;
-    `dim`, if given, is checked against the checkpoint before any encoder loads."""
+def trained_modalities(aligner_dir: str | Path) -> list[str]:
+    """The modalities an aligner checkpoint has adapters for, from its config.json (no weights load)."""
     d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
-    overrides = {**_exported_names(d, ("vision_model_name", "text_model_name")),
-                 **({"vision_model_name": str(vision)} if vision else {})}
+    return read_json(d / "config.json").get("modalities") or ["image"]
+
+
+def require_modality(aligner: VisionTextAligner, modality: str, checkpoint: str | Path) -> None:
+    """InputError unless the aligner has an adapter for `modality` (it was trained with it on)."""
+    if modality not in aligner.modalities:
+        raise InputError(f"the aligner {checkpoint} was trained without {modality} (it has "
+                         f"{' and '.join(aligner.modalities)} only): set `modalities.{modality}: true` in params.yaml "
+                         "and run `dvc repro`")
+
+
+def load_aligner(aligner_dir: str | Path, need: Sequence[str] | None = ("image",),
+                 models: Mapping[str, str | Path | None] | None = None, device: str = "cpu",
+                 dim: int | None = None) -> VisionTextAligner:
+    """A Phase 1 checkpoint in eval mode, with the frozen encoders of `need` (modalities, or "text"; None: every
+    modality it was trained on) loaded now, so a missing encoder or adapter fails here with a clear message.
+    `models` ({"vision": dir, "audio": dir, ...}) overrides the model paths it was trained with; `dim`, if given,
+    is checked against the checkpoint before any encoder loads."""
+    d = _check_checkpoint(aligner_dir, "aligner", "--aligner")
+    models = models or {}
     try:
-        model = VisionTextAligner.from_pretrained(d, device=device, **overrides).eval()
+        model = VisionTextAligner.from_pretrained(d, device=device, **_model_overrides(d, models)).eval()
         check_dim(model, dim)
-        for tower in need:
-            getattr(model, f"{tower}_encoder")
-    except ModelLoadError as e:
-        name = vision or read_json(d / "config.json")["vision_model_name"]
-        raise _model_error(e, d, "vision encoder", name) from None
     except ValueError as e:  # a config.json that no longer matches the code, or a corrupt checkpoint
         raise InputError(str(e)) from None
+    for tower in model.modalities if need is None else need:
+        key = "text" if tower == "text" else MODALITIES[tower].model_key
+        if tower != "text":
+            require_modality(model, tower, d)
+        try:
+            model.text_encoder if tower == "text" else model.encoder(tower)
+        except ModelLoadError as e:
+            raise _model_error(e, d, f"{key} encoder", _named(d, key, models)) from None
+        except ValueError as e:  # an encoder that does not fit its config (e.g. its pooling)
+            raise InputError(str(e)) from None
     return model
 
 
-def load_captioner(aligner_dir: str | Path, projector_dir: str | Path, llm: str | None = None,
-                   vision: str | None = None, device: str = "cpu") -> MultimodalLLM:
-    """Aligner + projector checkpoints -> MultimodalLLM in eval mode. The projector's config.json names the
-    LLM (`model_name`); `llm`/`vision` override the model paths the checkpoints were trained with."""
-    aligner = load_aligner(aligner_dir, ("vision",), vision, device)
+def load_captioner(aligner_dir: str | Path, projector_dir: str | Path,
+                   models: Mapping[str, str | Path | None] | None = None, device: str = "cpu",
+                   need: Sequence[str] | None = ("image",)) -> MultimodalLLM:
+    """Aligner + projector checkpoints -> MultimodalLLM in eval mode, the encoders of `need` loaded (see
+    load_aligner). The projector's config.json names the LLM (`model_name`); `models` ({"llm": dir,
+    "vision": dir, "audio": dir}) overrides the model paths the checkpoints were trained with."""
+    models = models or {}
+    aligner = load_aligner(aligner_dir, need, models, device)
     d = _check_checkpoint(projector_dir, "projector", "--projector")
-    overrides = {**_exported_names(d, ("model_name",)), **({"model_name": str(llm)} if llm else {})}
     try:
-        mm = MultimodalLLM.from_pretrained(d, aligner, **overrides)
+        mm = MultimodalLLM.from_pretrained(d, aligner, **_model_overrides(d, models))
     except ModelLoadError as e:
-        raise _model_error(e, d, "LLM", llm or read_json(d / "config.json")["model_name"]) from None
+        raise _model_error(e, d, "LLM", _named(d, "llm", models)) from None
     return mm.to(device).eval()
 
 
-def _none_read(paths: Sequence, skipped: list[tuple[Path, str]] | None) -> InputError:
+def _none_read(paths: Sequence, skipped: list[tuple[Path, str]] | None, modality: str | None = "image"
+               ) -> InputError:
     first = f": {skipped[0][1]}" if skipped else ""
-    return InputError(f"none of the {len(paths)} images could be read{first}")
+    return InputError(f"none of the {len(paths)} {plural(modality)} could be read{first}")
 
 
 # -- embeddings --------------------------------------------------------------------------------------
@@ -270,19 +373,20 @@ def check_dim(aligner: VisionTextAligner, dim: int | None) -> int:
 
 
 @torch.inference_mode()
-def embed_images(aligner: VisionTextAligner, paths: Sequence[str | Path], dim: int | None = None,
-                 batch_size: int = 64, skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
-    """Image files -> unit-norm embeddings (N, dim), in the order given. `skipped`: see load_images (the
-    rows of skipped files are left out)."""
+def embed_files(aligner: VisionTextAligner, paths: Sequence[str | Path], modality: str = "image",
+                dim: int | None = None, batch_size: int = 64, skipped: list[tuple[Path, str]] | None = None
+                ) -> torch.Tensor:
+    """Image or audio files (`modality`) -> unit-norm embeddings (N, dim), in the order given. `skipped`: see
+    load_files (the rows of skipped files are left out)."""
     dim = check_dim(aligner, dim)
-    out = []
-    with batched(paths, batch_size, "embedding images", "image") as chunks:
+    load, out = loader(aligner, modality), []
+    with batched(paths, batch_size, f"embedding {plural(modality)}", NOUNS[modality]) as chunks:
         for chunk in chunks:
-            images = load_images(chunk, skipped)[1]
-            if images:
-                out.append(aligner.encode_images(images).cpu())
+            items = load_files(chunk, load, skipped)[1]
+            if items:
+                out.append(aligner.encode(modality, items).cpu())
     if not out:
-        raise _none_read(paths, skipped)
+        raise _none_read(paths, skipped, modality)
     return matryoshka_prefix(torch.cat(out), dim)
 
 
@@ -307,15 +411,22 @@ def rank(query: torch.Tensor, candidates: torch.Tensor, top_k: int) -> tuple[lis
 def caption_files(mm: MultimodalLLM, paths: Sequence[str | Path], prompt: str | None = None,
                   max_new_tokens: int = 48, batch_size: int = 16,
                   skipped: list[tuple[Path, str]] | None = None) -> list[str]:
-    """Image files -> one greedy caption each. `prompt` None: the prompt the projector was trained with.
-    `skipped`: see load_images (skipped files get no caption)."""
-    prompt = mm.cfg.prompt if prompt is None else prompt
-    captions: list[str] = []
-    with batched(paths, batch_size, "captioning", "image") as chunks:
-        for chunk in chunks:
-            images = load_images(chunk, skipped)[1]
-            if images:
-                captions += mm.generate(images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    """Image and audio files (told apart by extension: file_modality) -> one greedy caption each, in the order
+    given. `prompt` None: the prompt the projector was trained with for the file's modality. `skipped`: see
+    load_files (skipped files get no caption)."""
+    captions: dict[int, str] = {}
+    for modality in MODALITIES:
+        rows = [i for i, p in enumerate(paths) if file_modality(p) == modality]
+        if not rows:
+            continue
+        load = loader(mm.aligner, modality)
+        with batched(rows, batch_size, f"captioning {plural(modality)}", NOUNS[modality]) as chunks:
+            for chunk in chunks:
+                read, items = load_files([paths[i] for i in chunk], load, skipped)
+                if items:
+                    out = mm.generate(items, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      modality=modality)
+                    captions.update(zip((chunk[j] for j in read), out))
     if not captions and paths:
-        raise _none_read(paths, skipped)
-    return captions
+        raise _none_read(paths, skipped, modality_of(paths))
+    return [captions[i] for i in sorted(captions)]
