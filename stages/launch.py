@@ -32,6 +32,12 @@ def preflight(argv: list[str]) -> str | None:
     return None
 
 
+def processes() -> int:
+    import yaml
+
+    return int((yaml.safe_load(Path(CONFIG).read_text()) or {}).get("num_processes", 1))
+
+
 def main(argv: list[str]) -> int:
     from mmalign.entry import debug, process_env, report
 
@@ -40,6 +46,13 @@ def main(argv: list[str]) -> int:
     if error:
         report(error)
         return 1
+    if processes() == 1:  # what accelerate's one-process launcher does, minus a second interpreter (~5 s of imports)
+        import runpy
+
+        sys.argv = list(argv)
+        sys.path.insert(0, str(Path(argv[0]).resolve().parent.parent))  # as `python stages/x.py` from the root
+        runpy.run_path(argv[0], run_name="__main__")  # the stage exits itself (run_entry), errors as one line
+        return 0
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     with tempfile.TemporaryDirectory(prefix="mmalign-errors-") as errors:

@@ -189,22 +189,28 @@ class CaptionBatches:
 
 class MixedBatches:
     """The batches of several loaders (one per modality), each epoch in one seeded random order: every
-    batch holds one modality (its own prompt), the epoch holds all of them."""
+    batch holds one modality (its own prompt), the epoch holds all of them. `passes[m]` (default 1): how
+    many times an epoch goes through modality m's batches (its k-th pass of epoch e is its own epoch
+    e * passes + k), so a small modality can get as many steps as a large one."""
 
-    def __init__(self, loaders: dict[str, Any], seed: int = 0):
+    def __init__(self, loaders: dict[str, Any], seed: int = 0, passes: dict[str, int] | None = None):
         self.loaders, self.seed, self.epoch = loaders, seed, 0
+        self.passes = {m: (passes or {}).get(m, 1) for m in loaders}
 
     def __len__(self) -> int:
-        return sum(len(loader) for loader in self.loaders.values())
+        return sum(len(loader) * self.passes[m] for m, loader in self.loaders.items())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        for loader in self.loaders.values():
-            loader.set_epoch(epoch)
+
+    def _stream(self, m: str) -> Iterator[dict[str, Any]]:
+        for k in range(self.passes[m]):
+            self.loaders[m].set_epoch(self.epoch * self.passes[m] + k)
+            yield from self.loaders[m]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
-        order = [m for m, loader in self.loaders.items() for _ in range(len(loader))]
-        streams = {m: iter(loader) for m, loader in self.loaders.items()}
+        order = [m for m, loader in self.loaders.items() for _ in range(len(loader) * self.passes[m])]
+        streams = {m: self._stream(m) for m in self.loaders}
         for i in torch.randperm(len(order), generator=g).tolist():
             yield next(streams[order[i]])

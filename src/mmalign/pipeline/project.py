@@ -94,7 +94,9 @@ def run(cfg: ProjectConfig, aligner_dir: Path, caches: dict[str, Path], dataset_
                          f"{model.aligner.modalities}): run `dvc repro` so align re-runs")
     ds = {m: datasets.load_from_disk(str(d)) for m, d in dataset_dirs.items()}
     loaders = {split: caption_loaders(model, cfg, caches, ds, split) for split in ("train", "val")}
-    train, val = ((next(iter(ls.values())) if len(ls) == 1 else MixedBatches(ls, cfg.seed)) for ls in loaders.values())
+    train = next(iter(loaders["train"].values())) if len(caches) == 1 else \
+        MixedBatches(loaders["train"], cfg.seed, cfg.modality_passes)
+    val = next(iter(loaders["val"].values())) if len(caches) == 1 else MixedBatches(loaders["val"], cfg.seed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("project: %d trainable parameters, %s train captions, %d steps/epoch (%d processes)", n_train,
              " + ".join(f"{len(ls.captions)} {m}" for m, ls in loaders["train"].items()), len(train),
