@@ -399,7 +399,7 @@ class ProjectTrainConfig(TrainingConfig):
     lr: PositiveFloat = 5e-3
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 64
-    num_epochs: PositiveInt = 4
+    num_epochs: PositiveInt = 5
     seed: Int = 0
     group_by_length: Bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
     # an epoch: every caption once (all, ClipCap) | every item once with one of its captions drawn (one)
@@ -409,7 +409,7 @@ class ProjectTrainConfig(TrainingConfig):
     zero_shot_check: Bool = False
     # passes over each modality's captions per epoch (default 1): a smaller modality can get more steps
     modality_passes: dict[Literal[MODALITIES], PositiveInt] = field(  # type: ignore[valid-type]
-        default_factory=lambda: {"audio": 2})
+        default_factory=dict)
     watch_images: NonNegativeInt = 16  # val images captioned after each epoch (MLflow table + val/distinct); 0: none
 
 
