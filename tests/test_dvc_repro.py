@@ -169,9 +169,16 @@ def test_readme_commands_run_as_written(repo):
 
     commands = readme_commands()
     assert len(commands) >= 12 and "mmalign register" in commands, commands
+    import numpy as np
+    import soundfile as sf
+
     for name in ("img1.png", "img2.jpg", "img.png", "photos/a.png", "photos/b.png"):
         (repo / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (32, 32), "red").save(repo / name)
+    t = np.arange(16000) / 16000
+    for i, name in enumerate(("clip.wav", "sounds/a.wav", "sounds/b.flac")):
+        (repo / name).parent.mkdir(exist_ok=True)
+        sf.write(repo / name, (0.3 * np.sin(2 * np.pi * 440 * (i + 1) * t)).astype(np.float32), 16000)
     for command in commands:
         out = subprocess.run(command, shell=True, cwd=repo, env=_env(), capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"README command failed: {command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
