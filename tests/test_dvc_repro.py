@@ -79,12 +79,13 @@ def stages_run(log: str) -> list[str]:
 
 def test_dvc_repro_end_to_end(repo):
     log = sh([*DVC, "repro"], repo)
-    assert sorted(stages_run(log)) == ["align", "evaluate", "llm", "prepare", "project"]
+    assert sorted(stages_run(log)) == ["align", "evaluate", "llm", "prepare", "prepare_audio", "project"]
     assert "\r" not in log and "\x1b[" not in log  # piped: plain lines, no progress-bar debris or ANSI codes
     assert stages_run(log)[0] == "prepare" and stages_run(log)[-1] == "evaluate"
     headline = json.loads((repo / "eval/metrics.json").read_text())
     assert len(leaves(headline)) <= 16 and {"i2t_R1", "CIDEr", "blind_CIDEr"} <= set(headline)
-    assert {"retrieval", "captioning"} <= set(json.loads((repo / "eval/metrics_all.json").read_text())["image"])
+    every = json.loads((repo / "eval/metrics_all.json").read_text())
+    assert all({"retrieval", "captioning"} <= set(every[m]) for m in ("image", "audio"))
     assert (repo / "mlflow.db").exists() and any((repo / "mlartifacts").rglob("*.png"))
 
     # Nothing changed: nothing runs.

@@ -42,7 +42,8 @@ def test_notebook_reads_the_pipeline_outputs(kernel_name, tmp_path, tiny_params_
 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 6  # test images, align loss, R@1 by dim, project loss, gallery, search results
+    # test images, align loss, R@1 by dim, project loss, gallery, audio R@1 by dim, audio gallery, search results
+    assert len(figures) == 8
     text = "".join(o.get("text", "") for o in outputs) + "".join(o.get("data", {}).get("text/plain", "")
                                                                  for o in outputs)
     assert f"workspace: {work}" in text and "kept epoch" in text and "dvc repro" not in text.split("workspace:")[0]
