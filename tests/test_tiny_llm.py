@@ -158,3 +158,34 @@ def test_invalid_spec_names_the_field(field, overrides):
     """The params dialect: one line naming the full key, as every other section."""
     with pytest.raises(ValueError, match=rf"^prepare\.tiny_llm\.{field}=\S+ is invalid: "):
         TinyLLMSpec(**overrides)
+
+
+def test_length_sorted_pieces_give_the_one_piece_loss_and_gradient(captions):
+    """_batch_loss runs a batch as length-sorted pieces; the loss and every gradient equal HF's loss on the whole
+    right-padded batch (mean over all label tokens), mixed lengths and a batch smaller than the piece count included."""
+    from mmalign.standins.tiny_llm import _batch_loss, _encode_corpus, caption_documents
+
+    tok = build_tokenizer(captions, 320)
+    texts = caption_documents([captions[i:i + 3] for i in range(0, 30, 3)], seed=0)  # singles and pairs
+    ids, lengths = _encode_corpus(tok, texts, 64)
+    config = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)
+    from transformers import Qwen2Config
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**config))
+    for rows in (torch.arange(len(texts)), torch.tensor([3, 1])):
+        L = int(lengths[rows].max())
+        x = ids[rows, :L]
+        labels = x.masked_fill(torch.arange(L) >= lengths[rows, None], -100)
+        model.zero_grad()
+        ref = model(input_ids=x, labels=labels).loss
+        ref.backward()
+        ref_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss = _batch_loss(model, ids[rows], lengths[rows])
+        loss.backward()
+        assert lengths[rows].unique().numel() > 1
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for g, r in zip((p.grad for p in model.parameters()), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -85,12 +86,28 @@ def _encode_corpus(tok: PreTrainedTokenizerFast, texts: list[str], max_len: int)
     return ids, lengths
 
 
-def _batch_loss(model: Qwen2ForCausalLM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of a right-padded batch; ids (B, L) cropped to its longest row."""
-    ids = ids[:, : int(lengths.max())]  # (B, T)
-    labels = ids.masked_fill(torch.arange(ids.shape[1]) >= lengths[:, None], -100)  # (B, T)
-    # No attention_mask needed: with right padding and causal attention no real token sees a pad.
-    return model(input_ids=ids, labels=labels).loss
+PIECES = 4  # a batch runs as this many length-sorted pieces (see _batch_loss)
+
+
+def _batch_loss(model: Qwen2ForCausalLM, ids: torch.Tensor, lengths: torch.Tensor, pieces: int = PIECES) -> torch.Tensor:
+    """Mean next-token loss of a right-padded batch, ids (B, L): the mean over every label token of the batch.
+
+    The rows run as `pieces` groups of similar length, each cropped to its own longest row: the corpus mixes
+    single captions with caption pairs (14 to 133 tokens on the default data), so one (B, longest) tensor is
+    63% padding and four sorted pieces compute 40% fewer positions. Same loss and gradient as one piece (the
+    token losses are summed, then divided by the batch's label count), up to float summation order.
+    """
+    order = torch.argsort(lengths, stable=True)
+    total = torch.zeros(())
+    for part in order.tensor_split(min(pieces, len(order))):
+        n = int(lengths[part].max())
+        rows = ids[part, :n]  # (b, n)
+        labels = rows.masked_fill(torch.arange(n) >= lengths[part, None], -100)
+        # No attention_mask needed: with right padding and causal attention no real token sees a pad.
+        logits = model(input_ids=rows).logits[:, :-1]  # (b, n-1, V): position t predicts token t+1
+        total = total + F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                        reduction="sum")
+    return total / int((lengths - 1).sum())
 
 
 def caption_documents(captions: list[list[str]], seed: int = 0) -> list[str]:
