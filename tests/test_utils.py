@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 
@@ -94,3 +95,18 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path, caplog):
         tensors, _ = load_checkpoint(d)
     assert torch.equal(tensors["w"], torch.ones(3))
     assert "has no checksums.json" in caplog.text and str(d) in caplog.text
+
+
+@pytest.mark.parametrize("given, expected", [({}, {"GOMP_SPINCOUNT": "3000"}),
+                                             ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+                                             ({"GOMP_SPINCOUNT": "0"}, {"GOMP_SPINCOUNT": "0"})])
+def test_process_env_bounds_openmp_spinning_unless_the_user_chose(monkeypatch, given, expected):
+    """Entry points bound libgomp's spin-wait (benchmarks/bench_omp_wait.py); a policy the user set stays."""
+    from mmalign.entry import process_env
+
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in given.items():
+        monkeypatch.setenv(var, value)
+    process_env()
+    assert {v: os.environ[v] for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if v in os.environ} == expected

@@ -36,13 +36,18 @@ def process_env() -> None:
     """Process-level settings, made by the entry points (stages, launcher, CLI) before torch loads, never
     on import of the library.
 
-    OpenMP threads that spin while waiting stall badly when another process shares the cores (two
-    queued experiments, a test run): measured on 2 cores, a small-matmul loop took 24.7 s vs 8.4 s
-    with passive waiting, and 1.82 s vs 1.88 s on an idle machine.
+    OpenMP threads wait for the next parallel region by spinning a bounded number of times, then sleep
+    (GOMP_SPINCOUNT=3000, torch's libgomp). Spinning without bound (libgomp's default) stalls badly when
+    another process shares the cores; sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a wake-up for every
+    small op. benchmarks/bench_omp_wait.py, 2 cores, 60 steps of the stand-in LLM's pretraining:
+    alone 12.0 s (unbounded) / 12.5 s (3000) / 15.7 s (passive); two at once 57.6 / 20.6 / 16.2 s; the
+    llm stage of the default: 58 s (3000) vs 83 s (passive). An
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT already set wins (the test suite sets PASSIVE: it runs two workers).
     When stderr is not a terminal (DVC's piped output, CI), the Hugging Face libraries draw no progress
     bars (no carriage-return debris in logs); our own loops log plain lines (utils.LogProgress).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     if not sys.stderr.isatty():
         for var in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(var, "1")
