@@ -399,7 +399,7 @@ class ProjectTrainConfig(TrainingConfig):
     lr: PositiveFloat = 5e-3
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 64
-    num_epochs: PositiveInt = 5
+    num_epochs: PositiveInt = 4
     seed: Int = 0
     group_by_length: Bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
     # an epoch: every caption once (all, ClipCap) | every item once with one of its captions drawn (one)
