@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from _common import ROOT
 
-EVENTS = ("beep", "chirp", "hum", "clicks", "noise burst", "siren sweep", "knock")
+from mmalign.data.synthetic_audio import EVENTS  # noqa: E402 (after _common puts src on the path)
+
 KEYS = ("event", "pitch", "loudness", "duration", "count")
 
 

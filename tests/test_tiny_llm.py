@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from mmalign.standins.tiny_llm import BOS, EOS, IM_END, IM_START, PAD, TinyLLMSpec, build_tiny_llm, build_tokenizer
 
@@ -168,12 +168,9 @@ def test_length_sorted_pieces_give_the_one_piece_loss_and_gradient(captions):
     tok = build_tokenizer(captions, 320)
     texts = caption_documents([captions[i:i + 3] for i in range(0, 30, 3)], seed=0)  # singles and pairs
     ids, lengths = _encode_corpus(tok, texts, 64)
-    config = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64)
-    from transformers import Qwen2Config
-
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config))
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
     for rows in (torch.arange(len(texts)), torch.tensor([3, 1])):
         L = int(lengths[rows].max())
         x = ids[rows, :L]

@@ -41,8 +41,8 @@ def process_env() -> None:
     another process shares the cores; sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a wake-up for every
     small op. benchmarks/bench_omp_wait.py, 2 cores, 60 steps of the stand-in LLM's pretraining:
     alone 12.0 s (unbounded) / 12.5 s (3000) / 15.7 s (passive); two at once 57.6 / 20.6 / 16.2 s; the
-    llm stage of the default: 58 s (3000) vs 83 s (passive). An
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT already set wins (the test suite sets PASSIVE: it runs two workers).
+    llm stage of the default: 58 s (3000) vs 83 s (passive). An OMP_WAIT_POLICY or GOMP_SPINCOUNT already
+    set wins (the test suite sets PASSIVE: it runs two workers).
     When stderr is not a terminal (DVC's piped output, CI), the Hugging Face libraries draw no progress
     bars (no carriage-return debris in logs); our own loops log plain lines (utils.LogProgress).
     """
