@@ -203,6 +203,11 @@ def test_defaults_are_params_yaml():
     from mmalign.config import EvaluateConfig, ModelsConfig, TrackingConfig
 
     params = load_params(ROOT / "params.yaml")
+    # The one exception: the offline model preset gives the stand-in LLM LoRA (conf/model/offline.yaml says why);
+    # Python's default, like the real preset, keeps the LLM frozen.
+    standin = yaml.safe_load((ROOT / "conf/model/offline.yaml").read_text())["project"]
+    assert set(standin) == {"freeze_llm", "lora"} and all(params["project"][k] == v for k, v in standin.items())
+    params["project"] |= {"freeze_llm": True, "lora": dataclasses.asdict(LLMConfig().lora)}
     defaults = {"models": ModelsConfig(), "prepare": PrepareConfig(), "align": AlignmentConfig(),
                 "project": ProjectConfig(), "evaluate": EvaluateConfig(), "tracking": TrackingConfig()}
     for section, cfg in defaults.items():

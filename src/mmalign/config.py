@@ -399,7 +399,7 @@ class ProjectTrainConfig(TrainingConfig):
     lr: PositiveFloat = 5e-3
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 64
-    num_epochs: PositiveInt = 4
+    num_epochs: PositiveInt = 3
     seed: Int = 0
     group_by_length: Bool = True  # batches of similar caption lengths (within the seeded shuffle): less padding
     # an epoch: every caption once (all, ClipCap) | every item once with one of its captions drawn (one)
@@ -509,7 +509,7 @@ class LLMConfig:
     # The LLM is chosen by `models` (built by the llm stage): the project section may not set it.
     GIVEN: ClassVar[tuple[str, ...]] = ("model_name", "trust_remote_code")
     model_name: Str = "Qwen/Qwen2.5-1.5B-Instruct"
-    k: PositiveInt = 16  # prefix tokens per image (ClipCap uses 10)
+    k: PositiveInt = 8  # prefix tokens per item (ClipCap uses 10)
     projector_type: Literal["mlp", "linear"] = "mlp"  # mlp (ClipCap/LLaVA-1.5) | linear (LLaVA-1)
     projector_hidden: PositiveInt = 512
     freeze_llm: Bool = True
