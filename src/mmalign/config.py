@@ -541,7 +541,7 @@ class ProjectConfig(LLMConfig, ProjectTrainConfig):
 # -- evaluation and tracking -----------------------------------------------------------------------------
 @config("evaluate")
 class EvaluateConfig:
-    batch_size: PositiveInt = 64  # generation batch size
+    batch_size: PositiveInt = 256  # generation batch size (greedy captions do not depend on it)
     max_new_tokens: PositiveInt = 48
     num_beams: PositiveInt = 1
     blind_prefix: Literal["mean", "zero"] = "mean"  # what the blind captioner gets instead of an image

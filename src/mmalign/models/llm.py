@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,8 +69,11 @@ class MultimodalLLM(nn.Module):
         if cfg.lora.r > 0:
             from peft import LoraConfig, get_peft_model
 
-            llm = get_peft_model(llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+            with warnings.catch_warnings():  # peft asks transformers 5 for is_gradient_checkpointing (deprecated)
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                llm = get_peft_model(llm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                     lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+                                                     target_modules=list(cfg.lora.target_modules)))
         self.llm = llm
         d_llm = self.llm.get_input_embeddings().embedding_dim
         self.projector = VisionToLLMProjector(aligner.cfg.d_align, d_llm, cfg.k, cfg.projector_type,
