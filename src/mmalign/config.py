@@ -529,7 +529,8 @@ class LLMConfig:
     def _lora_to_finetune(self) -> LLMConfig:
         if not self.freeze_llm and self.lora.r == 0:
             fail("freeze_llm", self.freeze_llm,
-                  "full LLM fine-tuning is not supported; set project.lora.r > 0 to train LoRA adapters")
+                  "full LLM fine-tuning is not supported; set project.freeze_llm: true to keep the LLM frozen, "
+                  "or project.lora.r > 0 to train LoRA adapters")
         return self
 
 
