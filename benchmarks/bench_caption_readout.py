@@ -28,6 +28,7 @@ from _common import ROOT
 from mmalign.data.synthetic_audio import EVENTS  # noqa: E402 (after _common puts src on the path)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "Describe this sound:"
 
 KEYS = ("event", "pitch", "loudness", "duration", "count")
 
@@ -60,6 +61,28 @@ def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_v
         return loss
     opt.step(closure)
     return float(((x_val @ w + b).argmax(1) == y_val).float().mean())
+
+
+def fit(model, x: torch.Tensor, draw, steps: int) -> float:
+    """`steps` AdamW steps (lr 5e-3) on what trains in `model`; draw() -> (row indices, caption ids) of a batch.
+    Returns the last step's loss."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        rows, captions = draw()
+        _, loss = model(None, captions, lean=True, z=x[rows], modality="audio")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+def greedy(model, x: torch.Tensor, chunk: int = 200) -> list[str]:
+    """Greedy audio captions of the rows of x (n, d), `chunk` rows at a time."""
+    with torch.no_grad():
+        return [c for i in range(0, len(x), chunk)
+                for c in model.generate_from_prefix(model.prefix_from_z(x[i:i + chunk]), PROMPT, max_new_tokens=40)]
 
 
 def main() -> None:
@@ -96,57 +119,42 @@ def main() -> None:
     for name, rows in (("single-event clips", [i for i, e in enumerate(events["train"]) if len(e) == 1]),
                        ("all clips", list(range(len(events["train"]))))):
         torch.manual_seed(0)
-        model = MultimodalLLM(aligner, LLMConfig(model_name=str(repo / args.llm), prompts={"audio": "Describe this sound:"}))
+        model = MultimodalLLM(aligner, LLMConfig(model_name=str(repo / args.llm), prompts={"audio": PROMPT}))
         captions = [ds["train"][i]["captions"][0] for i in rows]
         ids = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
         x = torch.stack([oracle(events["train"][i]) for i in rows])
-        opt = torch.optim.AdamW(model.projector.parameters(), lr=5e-3)
-        model.train()
-        for _ in range(args.steps):
+
+        def draw():
             batch = torch.randint(len(rows), (64,)).tolist()
-            _, loss = model(None, [ids[i] for i in batch], lean=True, z=x[batch], modality="audio")
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
-        with torch.no_grad():
-            generated = [c for i in range(0, len(rows), 256)
-                         for c in model.generate_from_prefix(model.prefix_from_z(x[i:i + 256]), "Describe this sound:",
-                                                             max_new_tokens=40)]
+            return batch, [ids[i] for i in batch]
+        loss = fit(model, x, draw, args.steps)
+        generated = greedy(model, x, 256)
         pitch = [events["train"][i][0]["pitch"] for i in rows]
         said = sum(p in g.split()[:6] for p, g in zip(pitch, generated)) / len(rows)
         prior = max(pitch.count("low"), pitch.count("high")) / len(rows)
         print(f"   {name:18s} ({len(rows)}): first event's pitch in the caption {said:.2f} (prior {prior:.2f}), "
-              f"exact captions {sum(g == c for g, c in zip(generated, captions)) / len(rows):.2f}, final loss {loss.item():.3f}")
+              f"exact captions {sum(g == c for g, c in zip(generated, captions)) / len(rows):.2f}, final loss {loss:.3f}")
 
     print(f"3. a projector on z, all captions ({args.steps} steps of 64): the stand-in LLM frozen vs with LoRA")
     first, n = events["train"][:600], 600
     for name, lora in (("frozen LLM", None), ("LoRA r 8, every linear layer", LoRAConfig(r=8, dropout=0.0, target_modules=ALL_LINEAR))):
         torch.manual_seed(0)
         extra = {"freeze_llm": False, "lora": lora} if lora else {}
-        model = MultimodalLLM(aligner, LLMConfig(model_name=str(repo / args.llm), prompts={"audio": "Describe this sound:"},
-                                                 **extra))
+        model = MultimodalLLM(aligner, LLMConfig(model_name=str(repo / args.llm), prompts={"audio": PROMPT}, **extra))
         ids = [[model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in caps] for caps in ds["train"]["captions"]]
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
         gen = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(args.steps):
+
+        def draw():
             batch = torch.randint(len(ids), (64,), generator=gen).tolist()
             pick = torch.randint(3, (64,), generator=gen).tolist()
-            _, loss = model(None, [ids[i][p % len(ids[i])] for i, p in zip(batch, pick)], lean=True, z=z["train"][batch],
-                            modality="audio")
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
-        with torch.no_grad():
-            generated = [c for i in range(0, n, 200) for c in model.generate_from_prefix(
-                model.prefix_from_z(z["train"][i:i + 200]), "Describe this sound:", max_new_tokens=40)]
+            return batch, [ids[i][p % len(ids[i])] for i, p in zip(batch, pick)]
+        loss = fit(model, z["train"], draw, args.steps)
+        generated = greedy(model, z["train"][:n])
         pitch = sum(e[0]["pitch"] in g.split()[:6] for e, g in zip(first, generated)) / n
         kind = sum(e[0]["event"].split()[0] in " ".join(g.split(",")[0].split()[:6]) for e, g in zip(first, generated)) / n
         said = {w: sum(w in g.split() for g in generated) / n for w in ("low", "beep", "knock")}
         print(f"   {name:30s}: first event's pitch in the caption {pitch:.2f}, its kind {kind:.2f}; share of captions "
-              f"saying " + ", ".join(f"{w} {v:.2f}" for w, v in said.items()) + f"; final loss {loss.item():.3f}")
+              f"saying " + ", ".join(f"{w} {v:.2f}" for w, v in said.items()) + f"; final loss {loss:.3f}")
 
 
 if __name__ == "__main__":
