@@ -75,6 +75,20 @@ def test_saved_dir_loads_as_qwen2_with_special_ids(built, captions):
     assert gen.shape[0] == 2 and gen.shape[1] <= batch["input_ids"].shape[1] + 4
 
 
+def test_tokenizer_knows_the_default_prompts_words(captions):
+    """From captions alone BPE spells the prompt in pieces; a real LLM's vocabulary has its words (at the
+    default vocab_size, which the caption corpus leaves room in)."""
+    from mmalign.config import LLMConfig, TinyLLMSpec
+    from mmalign.standins.tiny_llm import default_prompts
+
+    tok = build_tokenizer(captions, TinyLLMSpec().vocab_size)
+    cfg = LLMConfig()
+    assert default_prompts() == [cfg.prompt, *cfg.prompts.values()]
+    for prompt in default_prompts():
+        assert len(tok.tokenize(prompt)) == len(prompt.split()) + prompt.endswith(":")  # a word a token, and ":"
+        assert tok.decode(tok(prompt)["input_ids"]) == prompt
+
+
 def test_build_is_deterministic_and_replaces_out_dir_atomically(built, captions, tmp_path):
     out_a, stats_a = built
     out_b = tmp_path / "llm"
