@@ -92,6 +92,7 @@ INVALIDATES = {
     "models.llm": {"llm"}, "models.trust_remote_code": {"prepare", "prepare_audio", "project"},
     "prepare.tiny_llm": {"llm"},
     "prepare.feature_dtype": {"prepare", "prepare_audio"},  # both caches are stored in it
+    "prepare.mixed_precision": {"prepare", "prepare_audio"},  # both caches are extracted in it
     "prepare": {"prepare"},  # every other image prepare key (data, synthetic recipe, vision pooling, tiny_clip)
     "prepare.audio": {"prepare_audio"},  # every audio key: never the image extraction, and the reverse
     "align": {"align"}, "project": {"project"}, "evaluate": {"evaluate"},

@@ -62,6 +62,43 @@ def test_cache_equals_direct_encoder_forward(cache, tiny_data, vision, text):
         assert fingerprint["files"][name]["items"] == n and fingerprint["files"][name]["captions"] == 3 * n
 
 
+def test_bf16_cache_equals_a_direct_forward_under_autocast_and_is_recorded(tmp_path, dataset, tiny_data, vision,
+                                                                           text, cache):
+    """prepare.mixed_precision: bf16 extracts under bf16 autocast (both encoders), stores float32, records it; a
+    float32 cache of the same data is not reused for it."""
+    out = tmp_path / "bf16"
+    fp = build_feature_cache(dataset, vision, text, out, batch_size=3, mixed_precision="bf16")
+    assert fp["mixed_precision"] == "bf16" and cache[1]["mixed_precision"] == "none"
+    rows = tiny_data["train"][:N_TRAIN]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct_v = torch.cat([vision(vision.preprocess([r["image"] for r in rows[i:i + 3]])) for i in (0, 3)])
+        direct_t = text([c for r in rows for c in r["captions"]])
+    feats, fp32 = load_features(out, "train"), load_features(cache[0], "train")
+    assert feats.vision.dtype == feats.text.dtype == torch.float32
+    torch.testing.assert_close(feats.vision, direct_v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.text, direct_t, atol=1e-5, rtol=0)
+    assert not torch.equal(feats.text, fp32.text)  # really computed in bf16 ...
+    cos = torch.nn.functional.cosine_similarity(feats.text, fp32.text)
+    assert cos.min() > 0.999  # ... and close to float32
+    shutil.copytree(cache[0], tmp_path / "reuse")
+    assert build_feature_cache(dataset, vision, text, tmp_path / "reuse", batch_size=3,
+                               mixed_precision="bf16")["mixed_precision"] == "bf16"
+    torch.testing.assert_close(load_features(tmp_path / "reuse", "train").text, feats.text, atol=0, rtol=0)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    from mmalign.training.distributed import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "none") == "none" and resolve_precision(cpu, "bf16") == "bf16"
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        assert resolve_precision(cpu, "auto") == ("bf16" if amx or avx else "none")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(torch.device("cuda"), "auto") == "none"
+
+
 def test_text_to_image_maps_each_caption_to_its_image(cache, tiny_data, text):
     out, _ = cache
     feats = load_features(out, "train")

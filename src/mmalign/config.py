@@ -331,6 +331,10 @@ class PrepareConfig:
     vision_grid: PositiveInt = 4  # grid side for vision_pooling=grid
     batch_size: PositiveInt = 128  # feature-extraction batch size
     feature_dtype: Literal["float32", "float16"] = "float32"  # the feature cache's dtype (float16 halves disk and I/O)
+    # Frozen encoders (every modality's, and the text encoder) under bf16 autocast while extracting; features are
+    # stored as feature_dtype. auto: bf16 where the device computes it natively (a bf16 GPU; a CPU with AMX or
+    # AVX512-BF16), else none. The cache records the precision used.
+    mixed_precision: Literal["auto", "none", "bf16"] = "auto"
     num_workers: NonNegativeInt = 0  # workers decoding/checking images and preprocessing them for extraction
     tiny_clip: TinyCLIPConfig = field(default_factory=TinyCLIPConfig)
     tiny_llm: TinyLLMSpec = field(default_factory=TinyLLMSpec)

@@ -234,9 +234,10 @@ def cache_fingerprint(dataset: Any, encoder: Any, text: FrozenTextEncoder, modal
 
 def build_feature_cache(dataset: Any, encoder: Any, text: FrozenTextEncoder, out_dir: str | Path,
                         batch_size: int = 128, num_workers: int = 0, dtype: str = "float32",
-                        modality: str = "image") -> dict[str, Any]:
+                        modality: str = "image", mixed_precision: str = "none") -> dict[str, Any]:
     """Encode every split of `dataset` (a DatasetDict whose media column is the modality's) and write the
-    cache atomically (whole dir).
+    cache atomically (whole dir). mixed_precision: none | bf16 | auto (both encoders under bf16 autocast;
+    auto: where the device computes bf16 natively); the fingerprint records the precision used.
 
     Under `accelerate launch` with N processes each encodes every N-th batch and writes its share to a
     shard file; rank 0 merges the shares into the cache the 1-process run writes (tests/test_features.py)."""
@@ -244,7 +245,10 @@ def build_feature_cache(dataset: Any, encoder: Any, text: FrozenTextEncoder, out
     from ..modalities import modality as spec
 
     column = spec(modality).column
-    expected = {**cache_fingerprint(dataset, encoder, text, modality), "feature_dtype": dtype}
+    device = next(text.parameters()).device
+    precision = distributed.resolve_precision(device, mixed_precision)
+    expected = {**cache_fingerprint(dataset, encoder, text, modality), "feature_dtype": dtype,
+                "mixed_precision": precision}
     if cache_is_valid(out_dir, expected):
         log.info("feature cache %s is up to date; not re-encoding", out_dir)
         return read_json(out_dir / "fingerprint.json")
@@ -252,14 +256,20 @@ def build_feature_cache(dataset: Any, encoder: Any, text: FrozenTextEncoder, out
     cast = lambda t: {k: v.to(stored) if k != "text_to_item" else v for k, v in t.items()}  # noqa: E731
     meta = {**expected, "dim": encoder.dim, "text_dim": text.dim}
     rank, world = distributed.rank(), distributed.world_size()
+    autocast = lambda: distributed.autocast(device, precision)  # noqa: E731
     if world == 1:
-        splits = ((name, cast(encode_split(split, encoder, text, column, batch_size, num_workers, desc=name)))
-                  for name, split in dataset.items())  # one split in memory at a time
-        return write_feature_cache(out_dir, splits, meta)
+        def splits() -> Iterable[tuple[str, dict[str, torch.Tensor]]]:  # one split in memory at a time
+            for name, split in dataset.items():
+                with autocast():
+                    out = encode_split(split, encoder, text, column, batch_size, num_workers, desc=name)
+                yield name, cast(out)
+        return write_feature_cache(out_dir, splits(), meta)
     shard_dir = out_dir.parent / f".{out_dir.name}.shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for name, split in dataset.items():
-        part = encode_split(split, encoder, text, column, batch_size, num_workers, desc=name, rank=rank, world=world)
+        with autocast():
+            part = encode_split(split, encoder, text, column, batch_size, num_workers, desc=name, rank=rank,
+                                world=world)
         save_file({k: v.contiguous() for k, v in part.items()}, shard_dir / f"{name}.rank{rank}.safetensors")
     distributed.barrier()
     if distributed.is_main_process():

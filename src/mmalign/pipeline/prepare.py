@@ -185,7 +185,7 @@ def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir:
         encoder.to(get_device())
         text.to(get_device())
         fingerprint = build_feature_cache(dataset, encoder, text, features_dir, r.batch_size, cfg.num_workers,
-                                          cfg.feature_dtype, modality)
+                                          cfg.feature_dtype, modality, cfg.mixed_precision)
         if not main:
             return {}
         # Later stages read captions and ids; the media only of the test split (evaluate's figures): no second
@@ -207,6 +207,7 @@ def run(models: ModelsConfig, cfg: PrepareConfig, dataset_dir: Path, models_dir:
         **({"truncated": truncated} if truncated is not None else {}),
         "models": resolved,
         "dim": fingerprint["dim"], "text_dim": fingerprint["text_dim"],
+        "mixed_precision": fingerprint["mixed_precision"],  # what `auto` resolved to on this machine
     }
     write_json(report_path, report)
     tracker.log_metrics({f"{name}_{k}": v for name, s in report["splits"].items() for k, v in s.items()})

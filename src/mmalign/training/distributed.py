@@ -134,6 +134,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """The device computes bf16 matmuls in hardware: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16
+    (elsewhere CPU bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_precision(device: torch.device, mixed_precision: str) -> str:
+    """`auto` -> `bf16` where the device computes bf16 natively (native_bf16), else `none`; others as they are."""
+    return ("bf16" if native_bf16(device) else "none") if mixed_precision == "auto" else mixed_precision
+
+
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for `mixed_precision: bf16`; nothing for `none` (nanoGPT's ctx)."""
     if mixed_precision == "none":
