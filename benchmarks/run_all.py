@@ -20,6 +20,7 @@ import bench_generation
 import bench_memory
 import bench_phase1
 import bench_phase2
+import bench_precision
 import bench_repro
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now().astimezone()
     info = machine()
     rows = []
-    for mod in (bench_phase1, bench_extraction, bench_generation, bench_memory):
+    for mod in (bench_phase1, bench_extraction, bench_precision, bench_generation, bench_memory):
         print(f"running {mod.__name__} ...", file=sys.stderr, flush=True)
         rows += mod.run()["rows"]
     rows += (bench_repro.run() if args.with_repro else bench_repro.last_measured())["rows"]
