@@ -18,7 +18,7 @@ from _common import ROOT, Row, print_rows, timed
 
 # Measured with this script's steps on the project's 2-core build machine (README), used by run_all
 # unless --with-repro is given.
-LAST = {"scratch_s": 419.0, "noop_s": 2.0, "date": "2026-11-29"}  # 313.6 s an hour earlier (README)
+LAST = {"scratch_s": 280.0, "noop_s": 1.4, "date": "2026-11-29"}  # 329.7 s twenty minutes earlier (README)
 
 
 def run() -> dict:
