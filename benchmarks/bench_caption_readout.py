@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from _common import ROOT
 
-from mmalign.data.synthetic_audio import EVENTS  # noqa: E402 (after _common puts src on the path)
+from mmalign.config import LLMConfig  # noqa: E402 (after _common puts src on the path)
+from mmalign.data.synthetic_audio import EVENTS  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPT = "Describe this sound:"
+PROMPT = LLMConfig().prompt_for("audio")  # the default audio prompt
 
 KEYS = ("event", "pitch", "loudness", "duration", "count")
 
@@ -88,7 +89,7 @@ def greedy(model, x: torch.Tensor, chunk: int = 200) -> list[str]:
 def main() -> None:
     import datasets
 
-    from mmalign.config import LLMConfig, LoRAConfig
+    from mmalign.config import LoRAConfig
     from mmalign.data.features import load_features
     from mmalign.models.aligner import VisionTextAligner
     from mmalign.models.llm import MultimodalLLM

@@ -23,7 +23,7 @@ ROUNDS = 5
 def run() -> dict:
     import torch
 
-    from mmalign.data.features import TEXT_CHUNK, _batches
+    from mmalign.data.features import TEXT_CHUNK, encode_captions
     from mmalign.data.synthetic import generate_synthetic
     from mmalign.hub import MINILM_ID
     from mmalign.models.encoders import FrozenTextEncoder
@@ -38,7 +38,7 @@ def run() -> dict:
 
     def encode(precision: str) -> torch.Tensor:
         with autocast(cpu, precision):
-            return torch.cat([text(captions[c[0]:c[-1] + 1], batch_size=64) for c in _batches(len(captions), TEXT_CHUNK)])
+            return torch.cat(encode_captions(text, captions))  # as prepare encodes them
 
     out = {p: encode(p) for p in ("none", "bf16")}  # warm-up, and the embeddings compared
     times: dict[str, list[float]] = {"none": [], "bf16": []}

@@ -188,6 +188,16 @@ def _text_to_item(captions: list[list[str]]) -> torch.Tensor:
 TEXT_CHUNK = 2048  # captions per sentence-transformers call
 
 
+def encode_captions(text: FrozenTextEncoder, flat: list[str], desc: str = "", rank: int = 0,
+                    world: int = 1) -> list[torch.Tensor]:
+    """The text features of this rank's chunks of `flat` captions, (n, dim) each, on the CPU."""
+    # Large chunks: sentence-transformers sorts each call's texts by length before batching, so
+    # batches hold similar lengths (2.7x faster than 256-caption calls on the default captions).
+    chunks = _batches(len(flat), TEXT_CHUNK, rank, world)
+    return [text(flat[c[0]:c[-1] + 1], batch_size=64).cpu()
+            for c in progress(chunks, desc=f"text features {desc}", unit="chunk")]
+
+
 @torch.inference_mode()
 def encode_split(split: Any, encoder: Any, text: FrozenTextEncoder, column: str, batch_size: int,
                  num_workers: int = 0, desc: str = "", rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
@@ -198,12 +208,7 @@ def encode_split(split: Any, encoder: Any, text: FrozenTextEncoder, column: str,
     puts the shares of all ranks back in order)."""
     v = encode_items(split, encoder, column, batch_size, num_workers, desc, rank=rank, world=world)
     captions = split["captions"]
-    flat = [c for caps in captions for c in caps]
-    # Large chunks: sentence-transformers sorts each call's texts by length before batching, so
-    # batches hold similar lengths (2.7x faster than 256-caption calls on the default captions).
-    chunks = _batches(len(flat), TEXT_CHUNK, rank, world)
-    t = [text(flat[c[0]:c[-1] + 1], batch_size=64).cpu()
-         for c in progress(chunks, desc=f"text features {desc}", unit="chunk")]
+    t = encode_captions(text, [c for caps in captions for c in caps], desc, rank, world)
     if world > 1:
         return {**{f"features.{rank + i * world}": x for i, x in enumerate(v)},
                 **{f"text.{rank + i * world}": x for i, x in enumerate(t)}}

@@ -25,7 +25,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from ..config import TinyLLMSpec  # noqa: F401 (re-exported: the spec lives with the other configs)
+from ..config import LLMConfig, TinyLLMSpec  # noqa: F401 (TinyLLMSpec re-exported: it lives with the other configs)
 from ..utils import atomic_path
 from ..utils import progress as progress_bar
 
@@ -57,8 +57,6 @@ def default_prompts() -> list[str]:
     a real LLM's vocabulary holds them: from captions alone BPE spells "Describe" in 6 pieces, and the prompt
     after the prefix takes 12 tokens instead of 5, a quarter of an image training row (measured on the default
     data). The LM is not pretrained on them: it meets them in Phase 2, as it meets the prefix."""
-    from ..config import LLMConfig
-
     cfg = LLMConfig()
     return [cfg.prompt, *cfg.prompts.values()]
 
